@@ -1,0 +1,1 @@
+"""LightningModules: thin wiring of topdown networks, losses and metrics."""

@@ -1,0 +1,128 @@
+"""Backbones by name with a multi-label (or any-size) head, keeping torchvision's module names.
+
+``build_backbone("resnet18", 80)`` is torchvision's ResNet-18 whose last linear
+layer now has 80 outputs, so pivot names such as ``layer3`` or the paper's
+``conv13`` (see :mod:`topdown.layers`) address the same modules as in any
+torchvision model. ``head="conv_max"`` is the feedback-prop reference code's
+head: a 1x1 convolution on the last feature map followed by a spatial max.
+
+Weights never come from the network: ``weights`` is a local file (a state dict,
+or a Lightning checkpoint) or the name of torchvision weights that are already
+in the torch hub cache.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+HEADS = ("linear", "conv_max")
+
+
+class ConvMaxHead(nn.Module):
+    """1x1 conv to ``num_outputs`` maps, then the spatial max (one score per label)."""
+
+    def __init__(self, in_channels: int, num_outputs: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, num_outputs, kernel_size=1)
+
+    def forward(self, x):
+        return torch.amax(self.conv(x), dim=(2, 3), keepdim=True)
+
+
+def _last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to replace")
+    return found[-1]
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _last_conv_channels(model: nn.Module) -> int:
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"{type(model).__name__} has no conv layer for the conv_max head")
+    return convs[-1].out_channels
+
+
+def cached_weights_path(weights_name: str) -> Path:
+    """Local cache path of torchvision weights ``weights_name`` (e.g. ``ResNet18_Weights.IMAGENET1K_V1``).
+
+    Raises ``FileNotFoundError`` when the file is not cached: nothing is downloaded.
+    """
+    try:
+        w = torchvision.models.get_weight(weights_name)
+    except (ValueError, AttributeError, KeyError) as e:
+        raise ValueError(f"unknown torchvision weights name {weights_name!r}") from e
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"torchvision weights {weights_name!r} are not cached at {path}; no download is attempted. "
+            "Copy the file there or pass a local file path as weights."
+        )
+    return path
+
+
+def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from a plain ``.pth`` or a Lightning checkpoint (``net.`` prefix stripped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = {k.removeprefix("net."): v for k, v in state["state_dict"].items()}
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict")
+    return state
+
+
+def build_backbone(name: str, num_outputs: int, head: str = "linear", weights: str | None = None) -> nn.Module:
+    """Torchvision classification model ``name`` with a fresh ``num_outputs`` head.
+
+    The new head's module name is stored in ``model.topdown_head`` (for head-only training).
+
+    Args:
+        name: any torchvision classification model name (``resnet18``, ``resnet50``, ``vgg16``, ``alexnet``, ...).
+        num_outputs: size of the new last layer (labels or classes).
+        head: ``"linear"`` replaces the last ``nn.Linear``; ``"conv_max"`` replaces the global pooling by
+            :class:`ConvMaxHead` and drops the fully connected classifier (models with ``avgpool`` only).
+        weights: local file path or cached torchvision weights name; the old head's tensors are skipped.
+    """
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose from {HEADS}")
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        raise ValueError(f"unknown backbone {name!r}; torchvision classification models: {', '.join(available)}")
+    model = torchvision.models.get_model(name, weights=None)
+    if weights:
+        looks_like_file = Path(weights).exists() or os.sep in str(weights) or str(weights).endswith((".pt", ".pth", ".ckpt"))
+        path = weights if looks_like_file else cached_weights_path(weights)
+        state = load_state(path)
+        own = model.state_dict()
+        compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        if not compatible:
+            raise ValueError(f"no tensor of {path} matches {name}: wrong architecture?")
+        model.load_state_dict(compatible, strict=False)
+
+    lin_name, lin = _last_linear(model)
+    if head == "linear":
+        _set_submodule(model, lin_name, nn.Linear(lin.in_features, num_outputs))
+        model.topdown_head = lin_name
+    else:
+        if not hasattr(model, "avgpool"):
+            raise ValueError(f"head='conv_max' needs a model with an avgpool stage; {name} has none")
+        model.avgpool = ConvMaxHead(_last_conv_channels(model), num_outputs)
+        # The classifier after the pooled 1x1 scores becomes the identity: flatten gives [B, K].
+        if hasattr(model, "fc"):
+            model.fc = nn.Identity()
+        else:
+            model.classifier = nn.Identity()
+        model.topdown_head = "avgpool"
+    return model
