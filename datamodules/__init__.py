@@ -1,0 +1,1 @@
+"""LightningDataModules and dataset readers (COCO-2014 multi-label, the embedded ``scenes`` data)."""

@@ -1,0 +1,124 @@
+"""Backbones by name, paper layer names, local/cached weights, and the eq. 6 loss."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from topdown.backbones import build_backbone
+from topdown.layers import paper_layer_names, resolve_layer
+from topdown.losses import label_weights, weighted_bce
+
+
+@pytest.mark.parametrize("head", ["linear", "conv_max"])
+def test_multilabel_head_gives_one_score_per_label(head):
+    net = build_backbone("resnet18", 7, head=head).eval()
+    out = net(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 7)
+    assert net.topdown_head in dict(net.named_modules())
+
+
+def test_conv_max_head_is_spatial_max_of_1x1_conv():
+    net = build_backbone("resnet18", 5, head="conv_max").eval()
+    x = torch.randn(1, 3, 64, 64)
+    trunk = nn.Sequential(*list(net.children())[:-2])  # up to layer4
+    expected = net.avgpool.conv(trunk(x)).amax(dim=(2, 3))
+    torch.testing.assert_close(net(x), expected)
+
+
+def meta(name: str) -> nn.Module:
+    """Architecture only (no weight initialisation): names and shapes are all these tests read."""
+    with torch.device("meta"):
+        return torchvision.models.get_model(name)
+
+
+def test_paper_layer_names():
+    r18, r50 = meta("resnet18"), meta("resnet50")
+    assert paper_layer_names(r18) == {"conv1": "conv1", "conv5": "layer1", "conv9": "layer2",
+                                      "conv13": "layer3", "conv17": "layer4"}
+    assert paper_layer_names(r50) == {"conv1": "conv1", "conv10": "layer1", "conv22": "layer2",
+                                      "conv40": "layer3", "conv49": "layer4"}
+    vgg16 = meta("vgg16")
+    vgg = paper_layer_names(vgg16)
+    assert len(vgg) == 13 and vgg["conv1"] == "features.1" and vgg["conv13"] == "features.29"
+    assert all(isinstance(vgg16.get_submodule(m), nn.ReLU) for m in vgg.values())
+    alex = paper_layer_names(meta("alexnet"))
+    assert alex == {f"conv{i + 1}": f"features.{j}" for i, j in enumerate([1, 4, 7, 9, 11])}
+
+
+def test_alexnet_conv_maps_have_the_papers_flow_size():
+    """2*55^2 + 2*27^2 + 3*2*13^2 = 8,522 flow values per pair (generators paper, footnote 1)."""
+    net = torchvision.models.alexnet().eval()
+    sizes = {}
+    for name, module in paper_layer_names(net).items():
+        net.get_submodule(module).register_forward_hook(lambda m, i, o, name=name: sizes.__setitem__(name, o.shape[-2:]))
+    net(torch.randn(1, 3, 224, 224))
+    assert sum(2 * h * w for h, w in sizes.values()) == 8522
+
+
+def test_paper_names_resolve_inside_a_wrapper_and_bad_names_are_named():
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = torchvision.models.resnet18()
+
+    w = Wrapper()
+    assert resolve_layer(w, "conv13") == "trunk.layer3"
+    assert resolve_layer(w, "trunk.layer2") == "trunk.layer2"
+    assert resolve_layer(w, "input") == "input"
+    with pytest.raises(ValueError, match="conv14.*conv13"):
+        resolve_layer(w, "conv14")
+
+
+def test_weights_from_a_local_file_skip_the_old_head(tmp_path):
+    source = torchvision.models.resnet18()
+    path = tmp_path / "r18.pth"
+    torch.save(source.state_dict(), path)
+    net = build_backbone("resnet18", 3, weights=str(path))
+    torch.testing.assert_close(net.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
+    assert net.fc.out_features == 3
+
+
+def test_torchvision_weights_name_only_from_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not cached.*no download"):
+        build_backbone("resnet18", 3, weights="ResNet18_Weights.IMAGENET1K_V1")
+    source = torchvision.models.resnet18()
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    cached = tmp_path / "hub" / "checkpoints" / os.path.basename(url)
+    cached.parent.mkdir(parents=True)
+    torch.save(source.state_dict(), cached)
+    net = build_backbone("resnet18", 3, weights="ResNet18_Weights.IMAGENET1K_V1")
+    torch.testing.assert_close(net.conv1.weight, source.conv1.weight)
+
+
+def test_bad_names_are_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown backbone 'resnet19'.*resnet18"):
+        build_backbone("resnet19", 3)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        build_backbone("resnet18", 3, weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="unknown head"):
+        build_backbone("resnet18", 3, head="avg")
+
+
+def test_label_weights_are_negatives_over_positives():
+    y = torch.tensor([[1, 0, 0], [0, 0, 1], [1, 0, 0], [0, 0, 0]])
+    w = label_weights(y)
+    assert w[0] == 1.0 and w[2] == 3.0
+    assert w[1] == 3.0  # no positive: the largest finite weight, not inf
+
+
+def test_weighted_bce_is_eq6():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.0]])
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    lam = torch.tensor([1.5, 4.0])
+    s = torch.sigmoid(logits)
+    expected = -sum(
+        lam[j] * (y[i, j] * math.log(s[i, j]) + (1 - y[i, j]) * math.log(1 - s[i, j])) / 2
+        for i in range(2) for j in range(2)
+    )
+    torch.testing.assert_close(weighted_bce(logits, y, lam), torch.as_tensor(expected, dtype=torch.float32))
