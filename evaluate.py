@@ -36,6 +36,7 @@ The Trainer is built with ``inference_mode=False`` when feedback-prop is asked f
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -112,7 +113,6 @@ class _Protocol:
 
         self.cli, self.fb, self.name = cli, fb, name
         self.out = Path(cli.run_dir)
-        self.rank0 = cli.trainer.is_global_zero
         dm = cli.datamodule
         self.vocabulary = list(getattr(dm, "vocabulary", None) or [])
         if not self.vocabulary:
@@ -129,6 +129,11 @@ class _Protocol:
                   f"({len(self.unknown)} of {self.num_labels})")
         self.net = getattr(cli.model, "net", cli.model)
         self.files: list[Path] = []
+
+    @property
+    def rank0(self) -> bool:
+        # asked each time: under DDP the ranks are only known once the strategy is set up
+        return self.cli.trainer.is_global_zero and os.environ.get("LOCAL_RANK", "0") == "0"
 
     def default_unknown_file(self, dm, num_unknown: Optional[int]) -> Path:
         k = num_unknown if num_unknown is not None else self.num_labels // 2

@@ -1,0 +1,129 @@
+"""The feedback-prop protocols (paper §4.1 Figure 4, §5 Tables 3-5) and their label splits."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+from test_feedback_callback import eval_args, fp_checkpoint  # noqa: F401  (shared trained checkpoint)
+from topdown.evidence import (complement, draw_unknown_labels, known_counts, known_label_draws, load_label_split,
+                              unknown_labels)
+
+VOCAB = [f"w{i}" for i in range(20)]
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------- pure label splits
+
+def test_unknown_file_is_saved_then_reused_whatever_the_seed(tmp_path):
+    path = tmp_path / "unknown.txt"
+    first, created = unknown_labels(path, VOCAB, seed=0)
+    assert created and len(first) == 10 and path.is_file()
+    assert path.read_text().splitlines()[0] == f"{int(first[0])}\t{VOCAB[int(first[0])]}"
+    again, created = unknown_labels(path, VOCAB, seed=123)
+    assert not created and torch.equal(first, again)
+    assert not torch.equal(draw_unknown_labels(20, 10, seed=123), first)  # the seed would have mattered
+
+
+def test_unknown_file_from_another_vocabulary_is_refused(tmp_path):
+    path = tmp_path / "unknown.txt"
+    unknown_labels(path, VOCAB)
+    with pytest.raises(ValueError, match=f"{path}:1: label"):
+        load_label_split(path, [w + "x" for w in VOCAB])
+
+
+def test_known_draws_are_disjoint_from_unknown_and_differ():
+    unknown = draw_unknown_labels(20, 10, seed=0)
+    draws = known_label_draws(unknown, 20, known_counts(10, 5), draws=5, seed=0)
+    assert known_counts(500, 10) == list(range(50, 501, 50))  # Figure 4's x axis on COCO
+    for k in (2, 4, 6, 8):
+        ks = [d for d in draws if d.num_known == k]
+        assert len(ks) == 5 and len({tuple(d.labels.tolist()) for d in ks}) > 1
+        assert all(len(d.labels) == k for d in ks)
+    full = [d for d in draws if d.num_known == 10]
+    assert len(full) == 1 and torch.equal(full[0].labels, complement(unknown, 20))
+    for d in draws:
+        assert not set(d.labels.tolist()) & set(unknown.tolist())
+    # a count's draws do not depend on which other counts are asked for
+    alone = known_label_draws(unknown, 20, [4], draws=5, seed=0)
+    assert all(torch.equal(a.labels, b.labels) for a, b in zip(alone, [d for d in draws if d.num_known == 4]))
+
+
+# --------------------------------------------------------------------- protocols via evaluate.py
+
+@pytest.mark.slow
+def test_sweep_reports_mean_and_std_over_five_draws(tiny_scenes, fp_checkpoint, tmp_path, capsys):
+    cli = evaluate.main(eval_args(tiny_scenes, tmp_path, fp_checkpoint) + [
+        "--feedback.protocol", "sweep", "--feedback.layers", "[conv17]", "--feedback.steps", "1",
+        "--feedback.lr", "0.01", "--feedback.num_known", "[3,10]", "--feedback.draws", "5"])
+    cb = cli.feedback["callback"]
+    three = [r for r in cb.records if r["num_known"] == 3 and r["iteration"] == 1]
+    assert len(three) == 5 and len({r["map_known"] for r in three}) > 1  # five different draws
+    row = next(r for r in cb.summary if r["num_known"] == 3)
+    values = [r["map_unknown"] for r in three]
+    assert row["draws"] == 5
+    assert row["map_unknown"] == pytest.approx(np.mean(values)) and row["map_unknown_std"] == pytest.approx(np.std(values))
+    assert next(r for r in cb.summary if r["num_known"] == 10)["draws"] == 1
+    out = capsys.readouterr().out
+    assert "known" in out and "RF-conv17" in out
+    run = cli.run_dir
+    assert (run / "fp_sweep_test_known.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(read_csv(run / "fp_sweep_test_summary.csv")) == 2
+
+
+@pytest.mark.slow
+def test_layers_prints_table_no_fp_first_and_writes_csv_png_wandb(tiny_scenes, fp_checkpoint, tmp_path, capsys):
+    args = eval_args(tiny_scenes, tmp_path, fp_checkpoint)
+    args = args[:-2] + ["--run.wandb", "true"]  # W&B offline: tables and images go there too
+    cli = evaluate.main(args + ["--feedback.protocol", "layers", "--feedback.candidates", "[conv13,conv17]",
+                                "--feedback.steps", "1", "--feedback.unknown_file", str(tmp_path / "u.txt")])
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("layer-wise analysis"))
+    header, body = lines[start + 1].split(), [line.split()[0] for line in lines[start + 3:start + 6]]
+    assert header == ["LF", "RF"] and body == ["no-fp", "fp-conv-13", "fp-conv-17"]
+    run = cli.run_dir
+    rows = read_csv(run / "fp_layers_test_summary.csv")
+    assert {(r["method"], r["layers"]) for r in rows} == {(m, c) for m in ("lf", "rf") for c in ("conv13", "conv17")}
+    for png in ("fp_layers_test.png", "fp_layers_test_iterations.png"):
+        assert (run / png).read_bytes()[:4] == b"\x89PNG"
+    media = list((run / "wandb").glob("offline-run-*/files/media/table/**/*.json"))
+    assert any("layers_test_summary" in p.name for p in media), media
+    assert list((run / "wandb").glob("offline-run-*/files/media/images/**/*.png"))
+    # the split was saved and the run folder keeps a copy
+    assert (tmp_path / "u.txt").read_text() == (run / "unknown_labels.txt").read_text()
+
+
+@pytest.mark.slow
+def test_select_picks_lr_and_T_on_val_and_applies_them_on_test(tiny_scenes, fp_checkpoint, tmp_path):
+    cli = evaluate.main(eval_args(tiny_scenes, tmp_path, fp_checkpoint) + [
+        "--feedback.protocol", "select", "--feedback.layers", "[conv17]", "--feedback.method", "rf",
+        "--feedback.lr_grid", "[0.003,0.3]", "--feedback.steps", "3"])
+    run = cli.run_dir
+    chosen = json.loads((run / "fp_selection.json").read_text())
+    assert len(chosen) == 1
+    c = chosen[0]
+    # the choice is the best (lr, t) of the validation curves
+    val = [r for r in read_csv(run / "fp_select_val_iterations.csv")]
+    best = max(val, key=lambda r: (float(r["map_unknown"]), -int(r["iteration"])))
+    assert (c["lr"], c["steps"]) == (float(best["lr"]), int(best["iteration"]))
+    assert c["val_map_unknown"] == pytest.approx(float(best["map_unknown"]))
+    # the test pass ran exactly that setting
+    test = read_csv(run / "fp_select_test_summary.csv")
+    assert len(test) == 1 and float(test[0]["lr"]) == c["lr"] and int(test[0]["steps"]) == c["steps"]
+    assert {r["split"] for r in test} == {"test"} and {r["split"] for r in val} == {"val"}
+    assert c["test_map_unknown"] == pytest.approx(float(test[0]["map_unknown"]))
+
+
+@pytest.mark.slow
+def test_bad_pivot_layer_is_named(tiny_scenes, fp_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="conv99"):
+        evaluate.main(eval_args(tiny_scenes, tmp_path, fp_checkpoint) + ["--feedback.layers", "[conv99]"])
