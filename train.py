@@ -5,7 +5,7 @@ After fitting, the test stage runs on the best checkpoint.
 """
 from __future__ import annotations
 
-from lightning_modules.cli import build_cli, checkpoint_for_test
+from lightning_modules.cli import build_cli, checkpoint_for_test, close_run
 
 
 def main(args: list[str] | None = None):
@@ -13,6 +13,7 @@ def main(args: list[str] | None = None):
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
     if cli.config.run.test_after_fit and _has_test_step(cli.model):
         cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=checkpoint_for_test(cli.trainer))
+    close_run(cli)
     return cli
 
 

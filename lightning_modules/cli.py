@@ -190,6 +190,15 @@ class TopdownCLI(LightningCLI):
         )
 
 
+def close_run(cli: LightningCLI) -> None:
+    """End the W&B run of this command, so its files are complete and a later run in the same process starts clean."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in cli.trainer.loggers:
+        if isinstance(logger, WandbLogger) and cli.trainer.is_global_zero:
+            logger.experiment.finish()
+
+
 def checkpoint_for_test(trainer: Trainer) -> Optional[str]:
     """The best checkpoint when one was monitored, else the last one; None when nothing was saved."""
     ckpt = trainer.checkpoint_callback
