@@ -275,6 +275,21 @@ def _pyplot():
     return plt
 
 
+def _finish(fig, ax, path: str | Path, title: str, ylabel: str = "mAP on unknown labels (%)",
+            legend_size: int = 8) -> Path:
+    """Label, save as PNG and close a figure of this module."""
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_known_sweep(path: str | Path, series: dict[str, list[tuple[int, float, float]]],
                      nofp: float | None = None, title: str = "") -> Path:
     """Figure 4: unknown-label mAP against the number of known labels, one line per
@@ -289,16 +304,7 @@ def plot_known_sweep(path: str | Path, series: dict[str, list[tuple[int, float, 
     if nofp is not None and not math.isnan(nofp):
         ax.axhline(100 * nofp, color="gray", linestyle="--", label="no-fp")
     ax.set_xlabel("number of known labels")
-    ax.set_ylabel("mAP on unknown labels (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title)
 
 
 def plot_iterations(path: str | Path, series: dict[str, list[float]], ylabel: str = "mAP on unknown labels (%)",
@@ -309,16 +315,7 @@ def plot_iterations(path: str | Path, series: dict[str, list[float]], ylabel: st
     for name, curve in series.items():
         ax.plot(range(len(curve)), [100 * v for v in curve], marker=".", label=name)
     ax.set_xlabel("feedback-prop iteration t")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title, ylabel=ylabel, legend_size=7)
 
 
 def plot_layers(path: str | Path, layers: Sequence[str], series: dict[str, list[float]], nofp: float | None = None,
@@ -332,13 +329,4 @@ def plot_layers(path: str | Path, layers: Sequence[str], series: dict[str, list[
     if nofp is not None and not math.isnan(nofp):
         ax.axhline(100 * nofp, color="gray", linestyle="--", label="no-fp")
     ax.set_xticks(x, [paper_row_name(layer) for layer in layers], rotation=30)
-    ax.set_ylabel("mAP on unknown labels (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title)
