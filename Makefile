@@ -14,6 +14,9 @@ export WANDB_SILENT ?= true
 export WANDB_CACHE_DIR ?= $(CURDIR)/runs/.wandb-cache
 export WANDB_CONFIG_DIR ?= $(CURDIR)/runs/.wandb-config
 export NLTK_DATA := $(CURDIR)/.nltk_data
+# Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads
+# made a two-thread run up to 20x slower (docs/BENCHMARKS.md, demo section).
+export OMP_WAIT_POLICY ?= PASSIVE
 export PYTHONPATH := $(CURDIR)
 
 .PHONY: demo test setup install nltk data clean
