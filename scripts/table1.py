@@ -1,16 +1,28 @@
 """Feedback-prop Table 1: hierarchical scene categorization, 5 rows x (MC Acc, mAP, IoU Acc).
 
-For each run r (the seed of the 50/10/40 per-category split and of the initialisation) this
-trains Baseline, Baseline + PL and SINN + PL with ``train.py --model hierarchical``, then
-evaluates the trained Baseline with feedback-prop (LF and RF, true coarse labels as known
-evidence, pivots conv2-conv5) through ``evaluate.py``. The table reports mean ± std over runs.
+For each run r (the seed of the 50/10/40 per-category split and of the initialisation):
 
-    python scripts/table1.py --root data/scenes --runs 5            # embedded data (built if absent)
+1. train the Baseline with ``train.py --model hierarchical`` (best epoch by ``val/mc_acc``);
+2. choose feedback-prop's update rate λ and number of iterations T on the validation split, for
+   LF and RF separately (§4.1: "We determine the update rate parameter and number of iterations
+   using the validation split"): every λ of ``--fp-lr-grid`` is run once with
+   ``--fp-steps`` iterations, and the engine's per-iteration callback gives the scores after
+   every t ≤ T for free; the (λ, t) with the best val MC Acc wins (ties: mAP);
+3. apply the chosen (λ, T) to the trained Baseline on the test split (rows Ours (LF), Ours (RF));
+4. train Baseline + PL and SINN + PL. With ``--warm-start`` (the default without ``--weights``)
+   they start from the trained Baseline's trunk, a stand-in for the Places365 AlexNet that all
+   models of the paper share (§4.2), and are fine-tuned for ``--pl-epochs`` with ``--head-lr``
+   on their new layers; with ``--weights`` every model starts from that file for ``--epochs``.
+
+The table reports mean ± std over runs.
+
+    python scripts/table1.py --runs 5              # embedded data/scenes1500 (1500 images, built if absent)
     python scripts/table1.py --sun397 /data --runs 5 --image-size 224 --epochs 30 \\
-        --weights /data/alexnet_places365.pth                       # real SUN397 (docs/HIERARCHICAL.md)
+        --weights /data/alexnet_places365.pth.tar --num-workers 8 --threads 8     # real SUN397
 
-Writes ``<out>/table1.csv`` (the table), ``<out>/table1_runs.csv`` (every run and row) and logs
-the table to W&B (offline unless WANDB_MODE says otherwise) under ``<out>/wandb``.
+Writes ``<out>/table1.csv`` (the table), ``<out>/table1_runs.csv`` (every run and row, with the
+chosen λ / T of the LF and RF rows), ``<out>/fp_val_grid.csv`` (val metrics of every λ and t)
+and logs the tables to W&B (offline unless WANDB_MODE says otherwise) under ``<out>/wandb``.
 """
 from __future__ import annotations
 
@@ -23,6 +35,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -36,9 +49,10 @@ ROWS = (  # (row label as in the paper, variant trained, feedback-prop method)
     ("Ours (RF)", "baseline", "rf"),
 )
 COLUMNS = (("MC Acc", "mc_acc"), ("mAP", "map"), ("IoU Acc", "iou_acc"))
+RUN_FIELDS = ("run", "row", "mc_acc", "map", "iou_acc", "fp_lr", "fp_T", "val_mc_acc", "val_map", "seconds")
 
 
-def checkpoint_flag(out: Path) -> str:
+def checkpoint_flag() -> str:
     """One weights-only checkpoint, the best by val/mc_acc: AlexNet's Adam state would triple its size."""
     cb = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
           "init_args": {"monitor": "val/mc_acc", "mode": "max", "save_top_k": 1, "save_last": False,
@@ -47,9 +61,8 @@ def checkpoint_flag(out: Path) -> str:
 
 
 def common_flags(a: argparse.Namespace, out: Path) -> list[str]:
-    flags = ["--run.root", str(out), "--run.wandb", str(bool(a.wandb_train)).lower(),
-             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-    return flags
+    return ["--run.root", str(out), "--run.wandb", str(bool(a.wandb_train)).lower(),
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
 def data_flags(a: argparse.Namespace, run: int) -> list[str]:
@@ -70,29 +83,106 @@ def test_metrics(cli) -> dict[str, float]:
     return {key: float(m[f"test/{key}"]) for _, key in COLUMNS}
 
 
-def train_variant(a, out: Path, run: int, variant: str):
+def train_variant(a, out: Path, run: int, variant: str, init: str | None = None):
+    """Train one model through train.py; ``init``: checkpoint whose trunk initialises it (warm start)."""
     import train
 
+    epochs = a.epochs if init is None else a.pl_epochs
     args = ["--model", "hierarchical", *common_flags(a, out), *data_flags(a, run),
             "--run.name", f"run{run}_{variant}", "--seed_everything", str(run),
-            "--model.variant", variant, "--model.lr", str(a.lr), "--trainer.max_epochs", str(a.epochs),
-            checkpoint_flag(out), *a.extra]
-    if a.weights:
-        args += ["--model.weights", a.weights]
+            "--model.variant", variant, "--model.lr", str(a.lr), "--trainer.max_epochs", str(epochs),
+            checkpoint_flag(), *a.extra]
+    if init or a.weights:  # a pretrained trunk: its new layers learn at --head-lr
+        args += ["--model.weights", init or a.weights]
+        if a.head_lr is not None:
+            args += ["--model.head_lr", str(a.head_lr)]
     if a.backbone:
         args += ["--model.backbone", a.backbone]
     cli = train.main(args)
     return cli, cli.trainer.checkpoint_callback.best_model_path
 
 
-def evaluate_feedback(a, out: Path, run: int, ckpt: str, method: str):
-    import evaluate
+# ---------------------------------------------------------------- feedback-prop on val and test
 
-    args = ["--model", "hierarchical", "--ckpt_path", ckpt, *common_flags(a, out), *data_flags(a, run),
-            "--run.name", f"run{run}_{method}", "--model.feedback_method", method,
-            "--model.feedback_steps", str(a.fp_steps), "--model.feedback_lr", str(a.fp_lr),
-            "--model.feedback_layers", json.dumps(a.fp_layers), *a.extra]
-    return evaluate.main(args)
+
+class _Reached(Exception):
+    """Raised by the callback once the chosen LF iteration is reached: later ones are not needed."""
+
+
+def split_batches(dm, split: str, batch_size: int, device) -> tuple[list[tuple], Any]:
+    """``(image, coarse, target)`` batches of a split, loaded once (valid images only)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    batches = []
+    for b in DataLoader(dm.datasets[split], batch_size=batch_size, shuffle=False, num_workers=0):
+        keep = b["valid"]
+        if keep.any():
+            batches.append((b["image"][keep].to(device), b["coarse"][keep].to(device), b["target"][keep]))
+    if not batches:
+        raise RuntimeError(f"the {split} split has no valid image")
+    return batches, torch.cat([t for _, _, t in batches])
+
+
+def feedback_scores(model, batches, method: str, lr: float, steps: int, stop: int | None = None,
+                    layers: list[str] | None = None) -> dict:
+    """Fine softmax scores ``{t: [N, F]}`` after every feedback-prop iteration t = 1..
+
+    RF: t = 1..steps; LF: t = 1..steps x pivots (Algorithm 1 order, ``steps`` updates per pivot).
+    With ``stop`` only iteration ``stop`` is kept and the run ends there. ``layers``: the pivots
+    (default: the model's ``feedback_layers``, AlexNet conv2-conv5).
+    """
+    import torch
+
+    from topdown.feedback import feedback_prop
+    from topdown.sinn import coarse_known_loss
+
+    hp = model.hparams
+    per_t: dict[int, list] = {}
+    for image, coarse, _ in batches:
+        def record(t, outputs):
+            if t >= 1 and (stop is None or t == stop):
+                per_t.setdefault(t, []).append(model.fine_logits(outputs).float().softmax(-1).cpu())
+            if stop is not None and t >= stop:
+                raise _Reached
+
+        try:
+            feedback_prop(model.net, image, coarse_known_loss(coarse, model.fine_to_coarse), list(layers or hp.feedback_layers),
+                          method=method, steps=steps, lr=lr, optimizer=hp.feedback_optimizer,
+                          weight_decay=hp.feedback_weight_decay, callback=record)
+        except _Reached:
+            pass
+    return {t: torch.cat(v) for t, v in per_t.items()}
+
+
+def select_feedback(model, batches, target, method: str, lrs: list[float], steps: int, criterion: str,
+                    layers: list[str] | None = None):
+    """Grid over λ (one run each) and t ≤ T (the callback): the best val (λ, t) and every val figure."""
+    from topdown.metrics import table1_metrics
+
+    grid = []
+    for lr in lrs:
+        for t, scores in sorted(feedback_scores(model, batches, method, lr, steps, layers=layers).items()):
+            grid.append({"method": method, "lr": lr, "t": t, **table1_metrics(scores, target)})
+    other = "map" if criterion == "mc_acc" else "mc_acc"
+    # ties (frequent for MC Acc on a small val split) go to the other figure, then to fewer iterations
+    best = max(grid, key=lambda g: (round(g[criterion], 6), round(g[other], 6), -g["t"], -g["lr"]))
+    return best, grid
+
+
+def evaluate_feedback(model, batches, target, method: str, lr: float, t: int, steps: int,
+                      layers: list[str] | None = None) -> dict[str, float]:
+    """Test metrics of the chosen (λ, t): RF runs t iterations; LF runs its schedule up to iteration t."""
+    from topdown.metrics import table1_metrics
+
+    if method == "rf":
+        scores = feedback_scores(model, batches, method, lr, t, layers=layers)[t]
+    else:
+        scores = feedback_scores(model, batches, method, lr, steps, stop=t, layers=layers)[t]
+    return table1_metrics(scores, target)
+
+
+# ---------------------------------------------------------------- table
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -124,15 +214,21 @@ def format_table(table: list[list[str]], title: str) -> str:
     return "\n".join([title, line(header), *(line(r) for r in table)])
 
 
-def write_csvs(out: Path, table: list[list[str]], raw: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict], fields) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(fields))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def write_csvs(out: Path, table: list[list[str]], raw: list[dict], grid: list[dict]) -> None:
     with open(out / "table1.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["", *(c for c, _ in COLUMNS)])
         w.writerows(table)
-    with open(out / "table1_runs.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(raw[0]))
-        w.writeheader()
-        w.writerows(raw)
+    write_csv(out / "table1_runs.csv", raw, RUN_FIELDS)
+    if grid:
+        write_csv(out / "fp_val_grid.csv", grid, list(grid[0]))
 
 
 def log_wandb(out: Path, table: list[list[str]], raw: list[dict], config: dict) -> None:
@@ -144,29 +240,38 @@ def log_wandb(out: Path, table: list[list[str]], raw: list[dict], config: dict) 
                          offline=os.environ["WANDB_MODE"] != "online")
     logger.log_hyperparams(config)
     logger.log_table("table1", columns=["", *(c for c, _ in COLUMNS)], data=table)
-    logger.log_table("table1_runs", columns=list(raw[0]), data=[list(r.values()) for r in raw])
+    logger.log_table("table1_runs", columns=list(RUN_FIELDS), data=[[r.get(k, math.nan) for k in RUN_FIELDS] for r in raw])  # one type per column
     logger.experiment.finish()
 
 
-def main(argv: list[str] | None = None) -> list[list[str]]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--root", default="data/scenes", help="embedded scenes root (built on demand)")
-    p.add_argument("--num-images", type=int, default=3000)
+    p.add_argument("--root", default="data/scenes1500", help="embedded scenes root (built on demand)")
+    p.add_argument("--num-images", type=int, default=1500)
     p.add_argument("--size", type=int, default=128, help="side of the stored scenes images")
     p.add_argument("--sun397", default=None, help="folder holding SUN397/ (real data; uses configs/hierarchical_sun397.yaml)")
     p.add_argument("--hierarchy", default=None, help="hierarchy CSV for --sun397 (default SUN397/hierarchy.csv)")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--first-run", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=12, help="Baseline epochs (and PL models' without --warm-start)")
+    p.add_argument("--pl-epochs", type=int, default=2, help="fine-tuning epochs of Bsln + PL and SINN + PL when warm-started")
+    p.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=None,
+                   help="start Bsln + PL and SINN + PL from the trained Baseline's trunk "
+                        "(default: on without --weights, off with them)")
+    p.add_argument("--head-lr", type=float, default=1e-3,
+                   help="rate of the layers after a pretrained trunk (--weights or warm start)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--num-workers", type=int, default=0, help="data workers (0: the 2-core default; more on real SUN397)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--backbone", default=None, help="torchvision model name (default: the preset's AlexNet)")
     p.add_argument("--weights", default=None, help="pretrained weights file, e.g. a Places365 AlexNet")
-    p.add_argument("--fp-steps", type=int, default=10)
-    p.add_argument("--fp-lr", type=float, default=3e-3)
-    p.add_argument("--fp-layers", nargs="+", default=["conv2", "conv3", "conv4", "conv5"])
+    p.add_argument("--fp-steps", type=int, default=10, help="largest number of iterations T tried (per pivot for LF)")
+    p.add_argument("--fp-lr-grid", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3],
+                   help="update rates λ tried on val")
+    p.add_argument("--fp-layers", nargs="+", default=None,
+                   help="pivots (default: the model's feedback_layers, AlexNet conv2-conv5 as in §4.2)")
+    p.add_argument("--fp-select", choices=("mc_acc", "map"), default="mc_acc", help="val figure that picks (λ, T)")
     p.add_argument("--out", default="runs/table1")
     p.add_argument("--wandb-train", action="store_true", help="also log every training run to W&B")
     p.add_argument("--no-wandb", action="store_true", help="do not log the table to W&B")
@@ -175,6 +280,15 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
                    help="torch threads; 1 is several times faster than 2 when the cores are shared (spin-waits)")
     p.add_argument("extra", nargs="*", help="more train.py flags after --, e.g. -- --trainer.limit_train_batches=2")
     a = p.parse_args(argv)
+    if a.fp_steps < 1:
+        p.error("--fp-steps must be >= 1")
+    if a.warm_start is None:
+        a.warm_start = a.weights is None
+    return a
+
+
+def main(argv: list[str] | None = None) -> list[list[str]]:
+    a = parse_args(argv)
 
     import torch
 
@@ -184,31 +298,56 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     t0 = time.perf_counter()
     results: dict[str, list[dict[str, float]]] = {}
     raw: list[dict] = []
+    val_grid: list[dict] = []
+    table: list[list[str]] = []
+
+    def add(run: int, label: str, metrics: dict, seconds: float, **extra) -> None:
+        results.setdefault(label, []).append(metrics)
+        raw.append({"run": run, "row": label, **{k: round(v, 4) for k, v in metrics.items()}, **extra,
+                    "seconds": round(seconds, 1)})
+        chosen = f" [λ {extra['fp_lr']:g}, T {extra['fp_T']}]" if "fp_lr" in extra else ""
+        print(f"[table1] run {run} {label}: " + ", ".join(f"{c} {metrics[k]:.2f}" for c, k in COLUMNS)
+              + f"{chosen} ({seconds:.0f}s)", flush=True)
+
     for run in range(a.first_run, a.first_run + a.runs):
-        for variant in ("baseline", "baseline_pl", "sinn_pl"):
+        t = time.perf_counter()
+        cli, ckpt = train_variant(a, out, run, "baseline")
+        add(run, "Baseline", test_metrics(cli), time.perf_counter() - t)
+
+        model = cli.model.eval()  # the test stage loaded the best checkpoint into it
+        val, val_target = split_batches(cli.datamodule, "val", 64, model.device)
+        test, test_target = split_batches(cli.datamodule, "test", 64, model.device)
+        for method in ("lf", "rf"):
             t = time.perf_counter()
-            cli, ckpt = train_variant(a, out, run, variant)
-            label = next(lbl for lbl, v, m in ROWS if v == variant and m is None)
-            evaluations = [(label, test_metrics(cli), time.perf_counter() - t)]
-            if variant == "baseline":
-                for method in ("lf", "rf"):
-                    t = time.perf_counter()
-                    ev = evaluate_feedback(a, out, run, ckpt, method)
-                    evaluations.append((f"Ours ({method.upper()})", test_metrics(ev), time.perf_counter() - t))
-            if not a.keep_checkpoints and ckpt:
-                shutil.rmtree(Path(ckpt).parent, ignore_errors=True)
-            for lbl, metrics, seconds in evaluations:
-                results.setdefault(lbl, []).append(metrics)
-                raw.append({"run": run, "row": lbl, **{k: round(v, 4) for k, v in metrics.items()}, "seconds": round(seconds, 1)})
-                print(f"[table1] run {run} {lbl}: " + ", ".join(f"{c} {metrics[k]:.2f}" for c, k in COLUMNS)
-                      + f" ({seconds:.0f}s)", flush=True)
+            best, grid = select_feedback(model, val, val_target, method, a.fp_lr_grid, a.fp_steps, a.fp_select,
+                                         a.fp_layers)
+            val_grid += [{"run": run, **g} for g in grid]
+            metrics = evaluate_feedback(model, test, test_target, method, best["lr"], best["t"], a.fp_steps,
+                                        a.fp_layers)
+            add(run, f"Ours ({method.upper()})", metrics, time.perf_counter() - t, fp_lr=best["lr"], fp_T=best["t"],
+                val_mc_acc=round(best["mc_acc"], 4), val_map=round(best["map"], 4))
+        del cli, model, val, test
+
+        for variant in ("baseline_pl", "sinn_pl"):
+            t = time.perf_counter()
+            vcli, vckpt = train_variant(a, out, run, variant, init=ckpt if a.warm_start else None)
+            add(run, next(lbl for lbl, v, m in ROWS if v == variant and m is None), test_metrics(vcli), time.perf_counter() - t)
+            if not a.keep_checkpoints and vckpt:
+                shutil.rmtree(Path(vckpt).parent, ignore_errors=True)
+        if not a.keep_checkpoints and ckpt:
+            shutil.rmtree(Path(ckpt).parent, ignore_errors=True)
         table = summarize(results)
-        write_csvs(out, table, raw)  # after every run, so an interrupted sweep keeps what it has
+        write_csvs(out, table, raw, val_grid)  # after every run, so an interrupted sweep keeps what it has
 
     wall = time.perf_counter() - t0
     data = f"SUN397 at {a.sun397}" if a.sun397 else f"scenes ({a.num_images} images) at {a.root}"
-    title = f"Table 1 — {data}, {a.runs} run(s), {a.epochs} epochs at {a.image_size}px, wall {wall / 60:.1f} min"
+    pl = f"PL models warm-started, {a.pl_epochs} epochs" if a.warm_start else "PL models from scratch"
+    title = (f"Table 1 — {data}, {a.runs} run(s), Baseline {a.epochs} epochs at {a.image_size}px, {pl}, "
+             f"feedback-prop (λ, T) chosen on val by {a.fp_select}, wall {wall / 60:.1f} min")
     print(format_table(table, title), flush=True)
+    for method in ("LF", "RF"):
+        chosen = [f"run {r['run']}: λ {r['fp_lr']:g}, T {r['fp_T']}" for r in raw if r["row"] == f"Ours ({method})"]
+        print(f"chosen {method}: " + "; ".join(chosen), flush=True)
     if not a.no_wandb:
         log_wandb(out, table, raw, {k: v for k, v in vars(a).items() if k != "extra"} | {"wall_seconds": round(wall, 1)})
     return table

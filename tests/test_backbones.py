@@ -83,6 +83,14 @@ def test_weights_from_a_local_file_skip_the_old_head(tmp_path):
     assert net.fc.out_features == 3
 
 
+def test_dataparallel_prefixes_are_stripped(tmp_path):
+    source = torchvision.models.alexnet()
+    path = tmp_path / "places365_alexnet.pth"
+    torch.save({k.replace("features.", "features.module."): v for k, v in source.state_dict().items()}, path)
+    net = build_backbone("alexnet", 4, weights=str(path))
+    torch.testing.assert_close(net.features[3].weight, source.features[3].weight)
+
+
 def test_torchvision_weights_name_only_from_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="not cached.*no download"):

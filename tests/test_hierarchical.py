@@ -217,3 +217,76 @@ def test_partial_labels_reach_the_lightning_classifiers(tiny_sun_scenes):
         assert not torch.allclose(fa, fb), variant
     with pytest.raises(ValueError, match="refines the Baseline"):
         HierarchicalModule(variant="sinn_pl", feedback_method="rf")
+
+
+# ------------------------------------------------------------------ scripts/table1.py: (λ, T) chosen on val
+
+
+def load_table1():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("table1_script", Path(__file__).resolve().parent.parent / "scripts" / "table1.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+MOBILENET_PIVOTS = ["trunk.features.3", "trunk.features.6"]
+
+
+def test_table1_applies_the_val_choice_of_rate_and_iterations_exactly(tiny_sun_scenes):
+    from lightning_modules.hierarchical import HierarchicalModule
+
+    table1 = load_table1()
+    dm = ScenesSUNDataModule(root=str(tiny_sun_scenes), **TINY)
+    torch.manual_seed(0)
+    model = HierarchicalModule(backbone="mobilenet_v3_small", num_classes=dm.num_classes, num_general=dm.num_general,
+                               num_coarse=dm.num_coarse, feedback_layers=MOBILENET_PIVOTS).eval()
+    # random init leaves BatchNorm's running stats at 0/1 and the scores near uniform: calibrate them
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 64, 64))
+        model.eval().net.classifier.weight.mul_(30)
+    model.set_hierarchy(dm.hierarchy["fine_to_general"], dm.hierarchy["fine_to_coarse"])
+    target = torch.tensor([0, 5, 9, 14, 20, 22])
+    batches = [(torch.randn(3, 3, 64, 64), dm.hierarchy["fine_to_coarse"][t], t) for t in target.split(3)]
+
+    best, grid = table1.select_feedback(model, batches, target, "lf", [1e-2, 1e-1], 2, "map")
+    # LF: t counts the updates over both pivots (2 per pivot), every rate tried
+    assert sorted({(g["lr"], g["t"]) for g in grid}) == [(lr, t) for lr in (1e-2, 1e-1) for t in (1, 2, 3, 4)]
+    assert best["map"] == max(g["map"] for g in grid)
+    # the test stage stops LF at the chosen iteration: same scores as that iteration of a full run
+    full = table1.feedback_scores(model, batches, "lf", 1e-1, 2)
+    stopped = table1.feedback_scores(model, batches, "lf", 1e-1, 2, stop=3)
+    assert list(stopped) == [3] and torch.allclose(stopped[3], full[3], atol=1e-7)
+    assert (full[1] - full[4]).abs().max() > 1e-2  # the iterations do change the scores
+    # RF with T = t updates reproduces iteration t of a longer run
+    assert torch.allclose(table1.feedback_scores(model, batches, "rf", 1e-1, 1)[1],
+                          table1.feedback_scores(model, batches, "rf", 1e-1, 2)[1], atol=1e-7)
+    metrics = table1.evaluate_feedback(model, batches, target, "lf", 1e-1, 3, 2)
+    assert metrics == table1_metrics(full[3], target)
+
+
+@pytest.mark.slow
+def test_table1_script_runs_all_rows_and_records_the_choice(tiny_sun_scenes, tmp_path):
+    import csv
+
+    table1 = load_table1()
+    out = tmp_path / "table1"
+    table = table1.main([
+        "--root", str(tiny_sun_scenes), "--num-images", str(TINY["num_images"]), "--size", str(TINY["size"]),
+        "--runs", "1", "--epochs", "1", "--pl-epochs", "1", "--fp-lr-grid", "1e-3", "1e-2", "--fp-steps", "1",
+        "--backbone", "mobilenet_v3_small", "--batch-size", "16", "--out", str(out), "--",
+        "--model.feedback_layers", json.dumps(MOBILENET_PIVOTS), "--trainer.limit_train_batches", "0.2",
+        "--trainer.limit_val_batches", "0.5", "--trainer.limit_test_batches", "0.2",
+    ])
+    assert [r[0] for r in table] == ["Baseline", "Bsln + PL", "SINN + PL", "Ours (LF)", "Ours (RF)"]
+    rows = {r["row"]: r for r in csv.DictReader(open(out / "table1_runs.csv"))}
+    for label, most in (("Ours (LF)", 2), ("Ours (RF)", 1)):
+        assert float(rows[label]["fp_lr"]) in (1e-3, 1e-2) and 1 <= int(rows[label]["fp_T"]) <= most
+    assert rows["Baseline"]["fp_lr"] == ""
+    assert len(list(csv.DictReader(open(out / "fp_val_grid.csv")))) == 2 * 2 + 2 * 1
+    assert not list(out.glob("*/version_*/checkpoints/*.ckpt"))  # deleted once the run is evaluated
+    assert list((out / "wandb").glob("offline-run-*"))  # the tables went to W&B (offline)

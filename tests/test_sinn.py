@@ -139,3 +139,39 @@ def test_feature_trunk_keeps_alexnet_pivot_names():
     assert dim == 4096
     assert resolve_layers(net, ["conv2", "conv5"]) == ["trunk.features.4", "trunk.features.11"]
     assert net(torch.randn(1, 3, 64, 64)).shape == (1, 4)
+
+
+def test_trunk_state_keys_strip_wrapper_prefixes():
+    from topdown.sinn import trunk_state_keys
+
+    w = torch.zeros(1)
+    keys = trunk_state_keys({
+        "features.module.0.weight": w,      # Places365 AlexNet: DataParallel on features only
+        "module.classifier.1.weight": w,    # DataParallel on the whole model
+        "net.trunk.features.3.bias": w,     # a FineClassifier / SINN inside a Lightning module
+        "trunk.classifier.4.bias": w,
+        "features.10.weight": w,            # already plain
+    })
+    assert sorted(keys) == ["classifier.1.weight", "classifier.4.bias", "features.0.weight",
+                            "features.10.weight", "features.3.bias"]
+
+
+def test_feature_trunk_loads_prefixed_files_and_rejects_foreign_ones(tmp_path):
+    from topdown.sinn import feature_trunk
+
+    torch.manual_seed(0)
+    source, _ = feature_trunk("mobilenet_v3_small")
+    state = source.state_dict()
+    places = {"state_dict": {k.replace("features.", "features.module.", 1): v for k, v in state.items()}}
+    places["state_dict"]["classifier.3.weight"] = torch.randn(365, 1024)  # the file's own head: skipped
+    lightning = {"state_dict": {f"net.trunk.{k}": v for k, v in state.items()} | {"net.classifier.weight": torch.randn(5, 1024)}}
+    for name, blob in (("places.pth.tar", places), ("baseline.ckpt", lightning)):
+        torch.save(blob, tmp_path / name)
+        torch.manual_seed(1)
+        trunk, dim = feature_trunk("mobilenet_v3_small", str(tmp_path / name))
+        assert dim == 1024
+        loaded = trunk.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in state.items()), name
+    torch.save({"state_dict": {"encoder.weight": torch.zeros(3)}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="other.pth"):
+        feature_trunk("mobilenet_v3_small", str(tmp_path / "other.pth"))

@@ -80,7 +80,8 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = {k.removeprefix("net."): v for k, v in state["state_dict"].items()}
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict")
-    return state
+    # Files saved from DataParallel models (e.g. Places365 AlexNet) carry "module." in their keys.
+    return {k.removeprefix("module.").replace(".module.", "."): v for k, v in state.items()}
 
 
 def build_backbone(name: str, num_outputs: int, head: str = "linear", weights: str | None = None) -> nn.Module:
