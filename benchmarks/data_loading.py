@@ -19,6 +19,25 @@ from datamodules.coco import ScenesMultiLabelDataModule
 from datamodules.scenes import ensure_scenes
 
 
+def train_loader_rate(dm: ScenesMultiLabelDataModule, batches: int) -> float:
+    """Images/s of ``dm``'s train loader over ``batches`` batches; the first (worker start-up) is not timed."""
+    dm.setup("fit")
+    n, it, images, t0 = 0, None, 0, time.perf_counter()
+    while n < batches:
+        it = iter(dm.train_dataloader()) if it is None else it
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = None
+            continue
+        if n == 0:
+            t0 = time.perf_counter()
+        else:
+            images += len(batch["image"])
+        n += 1
+    return images / (time.perf_counter() - t0)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--root", default="data/scenes")
@@ -40,22 +59,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         dm.num_labels
         prep = time.perf_counter() - t0
-        dm.setup("fit")
-        n, it = 0, None
-        while n < a.batches:
-            it = iter(dm.train_dataloader()) if it is None else it
-            try:
-                batch = next(it)
-            except StopIteration:
-                it = None
-                continue
-            if n == 0:
-                t0 = time.perf_counter()  # warm-up batch excluded
-                images = 0
-            else:
-                images += len(batch["image"])
-            n += 1
-        rate = images / (time.perf_counter() - t0)
+        rate = train_loader_rate(dm, a.batches)
         print(f"workers={workers}: {rate:8.0f} images/s (batch {a.batch_size}, {a.image_size}px, "
               f"{a.batches - 1} timed batches; labels ready in {prep:.2f}s)")
 

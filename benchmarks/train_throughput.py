@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, Dataset
 
+from data_loading import train_loader_rate  # benchmarks/ is on sys.path when run as a script
 from datamodules.coco import ScenesMultiLabelDataModule
 from lightning_modules.multilabel import MultiLabelModule
 from topdown.losses import weighted_bce
@@ -85,19 +86,6 @@ def lightning_loop(module: MultiLabelModule, batches) -> tuple[float, float]:
     return timer.end[0] - timer.start[0], timer.end[1] - timer.start[1]
 
 
-def loader_rate(dm: ScenesMultiLabelDataModule, batches: int) -> float:
-    loader = dm.train_dataloader()
-    it = iter(loader)
-    next(it)  # worker start-up is not throughput
-    n, start = 0, time.perf_counter()
-    for _ in range(batches):
-        try:
-            n += next(it)["image"].shape[0]
-        except StopIteration:
-            break
-    return n / (time.perf_counter() - start)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="data/scenes")
@@ -131,8 +119,7 @@ def main(argv=None):
     for workers in (0, 1, 2):
         dm_w = ScenesMultiLabelDataModule(root=args.root, num_images=args.num_images, image_size=args.image_size,
                                           batch_size=args.batch_size, num_workers=workers)
-        dm_w.setup("fit")
-        rates[workers] = loader_rate(dm_w, args.loader_batches)
+        rates[workers] = train_loader_rate(dm_w, args.loader_batches)
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}")
     print(f"{args.backbone} at {args.image_size}px, batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats")
