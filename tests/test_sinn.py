@@ -142,7 +142,7 @@ def test_feature_trunk_keeps_alexnet_pivot_names():
 
 
 def test_trunk_state_keys_strip_wrapper_prefixes():
-    from topdown.sinn import trunk_state_keys
+    from topdown.backbones import torchvision_keys as trunk_state_keys
 
     w = torch.zeros(1)
     keys = trunk_state_keys({

@@ -70,18 +70,56 @@ def cached_weights_path(weights_name: str) -> Path:
     return path
 
 
+# Wrappers that prefix a network's keys: nn.DataParallel (``module.``, or ``features.module.`` when only
+# ``features`` was wrapped, as in the Places365 AlexNet release), Lightning modules (``net.``), the
+# hierarchical networks (``trunk.``) and other wrappers (``model.``).
+_WRAPPER_PREFIXES = ("module.", "net.", "trunk.", "model.")
+
+
+def torchvision_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a state dict's keys onto torchvision names: drop wrapper prefixes and ``.module.`` segments.
+
+    ``module.features.0.weight``, ``features.module.0.weight``, ``net.trunk.features.0.weight`` and
+    ``trunk.features.0.weight`` all become ``features.0.weight``.
+    """
+    out = {}
+    for key, value in state.items():
+        k = key.replace(".module.", ".")
+        while k.startswith(_WRAPPER_PREFIXES):
+            k = k[k.index(".") + 1:]
+        out[k] = value
+    return out
+
+
 def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from a plain ``.pth`` or a Lightning checkpoint (``net.`` prefix stripped)."""
+    """Tensors of a plain ``.pth`` file or of a checkpoint (``state_dict`` / ``model`` entry), torchvision-named."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = {k.removeprefix("net."): v for k, v in state["state_dict"].items()}
+    for entry in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(entry), dict):
+            state = state[entry]
+            break
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict")
-    # Files saved from DataParallel models (e.g. Places365 AlexNet) carry "module." in their keys.
-    return {k.removeprefix("module.").replace(".module.", "."): v for k, v in state.items()}
+    return torchvision_keys({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+
+
+def load_matching(model: nn.Module, path: str | os.PathLike) -> int:
+    """Load the tensors of ``path`` whose name and shape match ``model``; return how many.
+
+    A file's own head (e.g. Places365's 365 outputs) does not match and is skipped. Raises
+    ``ValueError`` naming the file and a few keys of each side when nothing matches.
+    """
+    state = load_state(path)
+    own = model.state_dict()
+    compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not compatible:
+        raise ValueError(f"no tensor of {path} matches {type(model).__name__}: wrong architecture? "
+                         f"file keys look like {list(state)[:3]}, the model's like {list(own)[:3]}")
+    model.load_state_dict(compatible, strict=False)
+    return len(compatible)
 
 
 def build_backbone(name: str, num_outputs: int, head: str = "linear", weights: str | None = None) -> nn.Module:
@@ -105,12 +143,7 @@ def build_backbone(name: str, num_outputs: int, head: str = "linear", weights: s
     if weights:
         looks_like_file = Path(weights).exists() or os.sep in str(weights) or str(weights).endswith((".pt", ".pth", ".ckpt"))
         path = weights if looks_like_file else cached_weights_path(weights)
-        state = load_state(path)
-        own = model.state_dict()
-        compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        if not compatible:
-            raise ValueError(f"no tensor of {path} matches {name}: wrong architecture?")
-        model.load_state_dict(compatible, strict=False)
+        load_matching(model, path)
 
     lin_name, lin = _last_linear(model)
     if head == "linear":

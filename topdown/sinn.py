@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from topdown.backbones import build_backbone, load_state
+from topdown.backbones import build_backbone, load_matching
 
 LEVELS = ("coarse", "general", "fine")
 DEFAULT_THRESHOLD = 0.05
@@ -111,52 +111,6 @@ def coarse_known_loss(known_coarse: torch.Tensor, fine_to_coarse: torch.Tensor, 
 # ---------------------------------------------------------------- backbones
 
 
-# Wrappers that prefix a trunk's keys: nn.DataParallel (``module.``, or ``features.module.`` when
-# only ``features`` was wrapped, as in the Places365 AlexNet release), this module's own
-# networks (``trunk.``) and Lightning checkpoints (``net.``, which ``load_state`` strips once).
-_WRAPPER_PREFIXES = ("module.", "net.", "trunk.", "model.")
-
-
-def trunk_state_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map a state dict's keys onto torchvision names: drop wrapper prefixes and ``.module.`` segments.
-
-    ``module.features.0.weight``, ``features.module.0.weight`` (Places365 AlexNet),
-    ``net.trunk.features.0.weight`` and ``trunk.features.0.weight`` (a trained
-    :class:`FineClassifier` / :class:`SINN`) all become ``features.0.weight``.
-    """
-    out = {}
-    for key, value in state.items():
-        k = key.replace(".module.", ".")
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _WRAPPER_PREFIXES:
-                if k.startswith(prefix):
-                    k, changed = k[len(prefix):], True
-        out[k] = value
-    return out
-
-
-def load_trunk_weights(model: nn.Module, path: str | Path) -> int:
-    """Load the tensors of ``path`` whose (remapped) name and shape match ``model``; return how many.
-
-    The classification head of the file (e.g. Places365's 365 outputs) does not match and is skipped.
-    Raises ``ValueError`` naming the file and a few of its keys when nothing matches.
-    """
-    state = load_state(path)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    mapped = trunk_state_keys(tensors)
-    own = model.state_dict()
-    compatible = {k: v for k, v in mapped.items() if k in own and own[k].shape == v.shape}
-    if not compatible:
-        raise ValueError(f"no tensor of {path} matches {type(model).__name__}: wrong architecture? "
-                         f"file keys look like {list(tensors)[:3]}, the model's like {list(own)[:3]}")
-    model.load_state_dict(compatible, strict=False)
-    return len(compatible)
-
-
 def feature_trunk(backbone: str = "alexnet", weights: str | None = None) -> tuple[nn.Module, int]:
     """A torchvision model whose last linear layer is the identity, and its feature width.
 
@@ -166,7 +120,7 @@ def feature_trunk(backbone: str = "alexnet", weights: str | None = None) -> tupl
 
     ``weights``: a local file (plain state dict, ``{"state_dict": ...}`` checkpoint such as the
     Places365 AlexNet of feedback-prop §4.2, or a checkpoint of this module's networks, whose
-    trunk is reused), keys remapped by :func:`trunk_state_keys`; or a cached torchvision weights
+    trunk is reused), keys remapped by :func:`topdown.backbones.torchvision_keys`; or a cached torchvision weights
     name; random initialisation when None.
     """
     is_file = weights is not None and Path(weights).is_file()
@@ -175,7 +129,7 @@ def feature_trunk(backbone: str = "alexnet", weights: str | None = None) -> tupl
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
     if is_file:
-        load_trunk_weights(model, weights)
+        load_matching(model, weights)
     return model, last.in_features
 
 
