@@ -232,12 +232,11 @@ def write_csvs(out: Path, table: list[list[str]], raw: list[dict], grid: list[di
 
 
 def log_wandb(out: Path, table: list[list[str]], raw: list[dict], config: dict) -> None:
-    os.environ.setdefault("WANDB_MODE", "offline")
-    os.environ.setdefault("WANDB_SILENT", "true")
-    from lightning.pytorch.loggers import WandbLogger
+    from lightning_modules.cli import make_wandb_logger
 
-    logger = WandbLogger(project=config.get("wandb_project", "topdown"), name="table1", save_dir=str(out),
-                         offline=os.environ["WANDB_MODE"] != "online")
+    # The run folders' W&B set-up: offline unless asked, cache and config kept beside the runs.
+    logger = make_wandb_logger(out, "table1", config.get("wandb_project", "topdown"),
+                               os.environ.get("WANDB_MODE", "offline"))
     logger.log_hyperparams(config)
     logger.log_table("table1", columns=["", *(c for c, _ in COLUMNS)], data=table)
     logger.log_table("table1_runs", columns=list(RUN_FIELDS), data=[[r.get(k, math.nan) for k in RUN_FIELDS] for r in raw])  # one type per column
