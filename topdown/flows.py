@@ -76,6 +76,7 @@ releases the GIL inside its kernels), each running single-threaded torch ops.
 from __future__ import annotations
 
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -263,22 +264,23 @@ def _outside_cost(cost: Tensor, inside: Tensor) -> Tensor:
     reaches one half; the score is that bin (at least 1) times the width plus
     the smallest cost."""
     b = cost.shape[0]
-    c = cost.reshape(b, -1).double()
-    ins = inside.reshape(b, -1)
-    inf = torch.tensor(float("inf"), dtype=c.dtype, device=c.device)
-    lo = torch.where(ins, c, inf).amin(1).clamp(max=_HIST_MIN_START)
-    hi = torch.where(ins, c, -inf).amax(1).clamp(min=0.0)
+    c = cost.reshape(b, -1).float()
+    out = ~inside.reshape(b, -1)
+    # Costs are >= 0, so the maximum over in-image labels is that of the masked costs.
+    lo = c.masked_fill(out, float("inf")).amin(1).double().clamp(max=_HIST_MIN_START)
+    hi = c.masked_fill(out, 0.0).amax(1).double()
     width = (hi - lo) / _HIST_BINS
     safe = torch.where(width > 0, width, torch.ones_like(width))
-    bins = torch.floor(c / safe[:, None]).clamp(0, _HIST_BINS - 1).long()
-    bins = torch.where(ins, bins + _HIST_BINS * torch.arange(b, device=c.device)[:, None],
-                       torch.full_like(bins, b * _HIST_BINS))
-    counts = torch.bincount(bins.reshape(-1), minlength=b * _HIST_BINS + 1)[:-1].view(b, _HIST_BINS)
-    share = torch.cumsum(counts.double() / ins.sum(1, keepdim=True).clamp(min=1), 1)
+    bins = (c / safe[:, None].float()).floor_().clamp_(0, _HIST_BINS - 1)
+    bins += _HIST_BINS * torch.arange(b, device=c.device, dtype=bins.dtype)[:, None]
+    bins = bins.masked_fill_(out, b * _HIST_BINS).long()
+    counts = torch.bincount(bins.view(-1), minlength=b * _HIST_BINS + 1)[:-1].view(b, _HIST_BINS)
+    total = counts.sum(1, keepdim=True)
+    share = torch.cumsum(counts.double() / total.clamp(min=1), 1)
     first = (share >= 0.5).to(torch.int8).argmax(1)
     score = first.clamp(min=1).double() * width + lo
     # No in-image label at all (cannot happen with a window around the image) or all costs equal.
-    return torch.where(ins.any(1), torch.where(width > 0, score, lo), torch.zeros_like(lo))
+    return torch.where(total[:, 0] > 0, torch.where(width > 0, score, lo), torch.zeros_like(lo))
 
 
 def _fill_outside(cost: Tensor, inside: Tensor) -> Tensor:
@@ -380,7 +382,8 @@ class _Workspace:
         mmax = max(grid.sizes)
         self.ebuf = torch.zeros(2 * 2 * self.le * mmax + 1, device=dev)   # trailing zero: no sender
         self.zero = self.ebuf.numel() - 1
-        self._buf = [torch.empty(k * mmax, device=dev) for k in (2 * n, 4 * n, 4, 4 * n * self.le, 4 * n)]
+        self._buf = [torch.empty(k * mmax, device=dev)
+                     for k in (2 * n, 4 * n, 4, 4 * n * self.le, 4 * n, 4 * self.le)]
         self.steps: dict = {}
 
     def step_views(self, planes: slice, forward: bool) -> list:
@@ -400,20 +403,36 @@ class _Workspace:
             hmin = self._buf[2][:npl * 2 * m].view(npl, 2, 1, m)
             bg = self._buf[3][:npl * 2 * n * le * m].view(npl, 2, n, le, m)
             e = self.ebuf[:2 * 2 * le * m].view(2, 2, le, m)[planes]
+            es = self._buf[5][:npl * 2 * le * m].view(npl, 2, le, m)
             out = self._buf[4][:npl * 2 * n * mr]
             views.append((self.base[planes, :, c], self.msg[planes, got.start, :, c],
                           self.msg[planes, got.start + 1, :, c], self.msg[planes, add, :, c],
-                          gb, gb.unsqueeze(1), hh, hmin, hh.unsqueeze(3), bg, e, out,
-                          out.view(npl, 2, n, mr), self.msg[planes, got, :, cr], r))
+                          gb, gb.unsqueeze(1), hh, hmin, hh.unsqueeze(3), bg, e, es,
+                          es[:, :, self.ext:self.ext + 1], out, out.view(npl, 2, n, mr),
+                          self.msg[planes, got, :, cr], r))
         self.steps[key] = views
         return views
 
 
+# Workspaces (buffers, views, index maps) are kept per thread between calls:
+# the generator pipeline calls sift_flow again and again with the same shapes.
+_LOCAL = threading.local()
+_CACHE_ENTRIES = 64
+_POOL: dict = {}
+
+
+def _thread_cache() -> dict:
+    cache = getattr(_LOCAL, "cache", None)
+    if cache is None or len(cache) > _CACHE_ENTRIES:
+        cache = _LOCAL.cache = {}
+    return cache
+
+
 def _workspace(cache: dict, b: int, h: int, w: int, n: int, ext: int, device) -> _Workspace:
-    gkey = ("grid", b, h, w)
+    gkey = ("grid", str(device), b, h, w)
     if gkey not in cache:
         cache[gkey] = _Grid(b, h, w, device)
-    key = ("ws", b, h, w, n, ext)
+    key = ("ws", str(device), b, h, w, n, ext)
     if key not in cache:
         cache[key] = _Workspace(cache[gkey], n, ext)
     return cache[key]
@@ -543,21 +562,30 @@ def _sweeps(mrf: _Mrf, iters: int, alpha: float, d: float, cache: dict,
             tables[forward] = _message_tables(ws, off, forward, alpha)
         table, pk = tables[forward], (planes.start, planes.stop)
         ebuf = ws.ebuf
-        for base, got0, got1, add, gb, gb1, hh, hmin, hh4, bg, e, outf, out, dest, rcv in ws.step_views(
+        for base, got0, got1, add, gb, gb1, hh, hmin, hh4, bg, e, es, es0, outf, outv, dest, rcv in ws.step_views(
                 planes, forward):
+            idx, pen = table[rcv][pk]
             torch.add(base, got0, out=gb)
             gb.add_(got1)
             torch.add(gb1, add, out=hh)
-            torch.amin(hh, 2, keepdim=True, out=hmin)
-            hh.sub_(hmin)
-            torch.add(hh4, v, out=bg)
-            torch.amin(bg, 2, out=e)
-            idx, pen = table[rcv][pk]
-            torch.index_select(ebuf, 0, idx, out=outf)
-            if pen is not None:
+            if pen is None:
+                # Envelope, truncated at min + d; then any per-message constant keeps the
+                # values bounded: the envelope at the sender's label 0.
+                torch.add(hh4, v, out=bg)
+                torch.amin(bg, 2, out=es)
+                torch.sub(es, es0, out=e)
+                torch.index_select(ebuf, 0, idx, out=outf)
+            else:
+                # Far-shifted windows read the envelope's last entry plus alpha per label,
+                # truncated at d above the sender's minimum, so normalise by that minimum.
+                torch.amin(hh, 2, keepdim=True, out=hmin)
+                hh.sub_(hmin)
+                torch.add(hh4, v, out=bg)
+                torch.amin(bg, 2, out=e)
+                torch.index_select(ebuf, 0, idx, out=outf)
                 outf.add_(pen)
                 outf.clamp_(max=d)
-            dest.copy_(out)
+            dest.copy_(outv)
         if dual_update and planes.stop - planes.start == 1:
             incoming = rng[k] + ws.msg[k].sum(0)                       # everything but the data factor
             new = (cost + incoming[None]).amin(1) if k == 0 else (cost + incoming[:, None]).amin(0)
@@ -593,7 +621,7 @@ def _sift_flow_serial(f1: Tensor, f2: Tensor, alpha: float, d: float, gamma: flo
     for _ in range(nlev - 1):
         pyr1.append(_downsample(pyr1[-1]))
         pyr2.append(_downsample(pyr2[-1]))
-    flow, ref_prev, cache = None, None, {}
+    flow, ref_prev, cache = None, None, _thread_cache()
     for lev in range(nlev - 1, -1, -1):
         g1, g2 = pyr1[lev], pyr2[lev]
         b, _, h, w = g1.shape
@@ -663,8 +691,9 @@ def sift_flow(f1: Tensor, f2: Tensor, alpha=2 * 255, d=40 * 255, gamma=0.005 * 2
         # BP is thousands of small ops per level, which intra-op threads cannot split.
         torch.set_num_threads(1)
         try:
-            with ThreadPoolExecutor(n) as pool:
-                out = list(pool.map(lambda c: _sift_flow_serial(*c, *args), chunks))
+            if n not in _POOL:
+                _POOL[n] = ThreadPoolExecutor(n, thread_name_prefix="sift_flow")
+            out = list(_POOL[n].map(lambda c: _sift_flow_serial(*c, *args), chunks))
         finally:
             torch.set_num_threads(threads)
     return torch.cat(out)
