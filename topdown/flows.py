@@ -158,12 +158,14 @@ def _gauss_weights(n: int) -> Tensor:
 
 
 def _downsample(f: Tensor) -> Tensor:
-    """One pyramid step: Gaussian smoothing, then bicubic resize to
-    ceil(H/2) x ceil(W/2), as separable [out, in] matrices."""
-    h, w = f.shape[-2:]
-    mh = (_cubic_weights(h, (h + 1) // 2) @ _gauss_weights(h)).to(f.device, f.dtype)
-    mw = (_cubic_weights(w, (w + 1) // 2) @ _gauss_weights(w)).to(f.device, f.dtype)
-    return torch.matmul(torch.matmul(mh, f), mw.t())
+    """One pyramid step on channels-last maps [B, H, W, C]: Gaussian smoothing,
+    then bicubic resize to ceil(H/2) x ceil(W/2), as separable [out, in] matrices."""
+    b, h, w, c = f.shape
+    ho, wo = (h + 1) // 2, (w + 1) // 2
+    mh = (_cubic_weights(h, ho) @ _gauss_weights(h)).to(f.device, f.dtype)
+    mw = (_cubic_weights(w, wo) @ _gauss_weights(w)).to(f.device, f.dtype)
+    rows = torch.matmul(mh, f.reshape(b, h, w * c))                   # [B, Ho, W C]
+    return torch.matmul(mw, rows.view(b * ho, w, c)).view(b, ho, wo, c)
 
 
 def _upsample_flow(flow: Tensor, h: int, w: int) -> Tensor:
@@ -208,40 +210,40 @@ def _data_cost(f1: Tensor, f2: Tensor, ou: Tensor, ov: Tensor, w: int,
                data_trunc: float | None) -> tuple[Tensor, Tensor]:
     """L1 data term of eq. 3 for every label of a (2w+1)^2 window around (ou, ov).
 
-    Returns ``D[b, iv, iu, y, x]``, the cost of flow (ou + iu - w, ov + iv - w)
-    at pixel (y, x) (outside matches filled in by :func:`_fill_outside`), and
-    the mask of labels whose match lies inside f2.
+    ``f1``, ``f2``: channels-last float maps [B, H, W, C]. Returns
+    ``D[b, iv, iu, y, x]``, the cost of flow (ou + iu - w, ov + iv - w) at
+    pixel (y, x) (outside matches filled in by :func:`_fill_outside`), and the
+    mask of labels whose match lies inside f2.
     """
-    b, c, h, wd = f1.shape
-    h2, w2 = f2.shape[-2:]
+    b, h, wd, c = f1.shape
+    h2, w2 = f2.shape[1:3]
     n = 2 * w + 1
     dev = f1.device
     r = torch.arange(-w, w + 1, device=dev)
     tx = (torch.arange(wd, device=dev).view(1, 1, wd) + ou)[..., None] + r          # [B, H, W, n(u)]
     ty = (torch.arange(h, device=dev).view(1, h, 1) + ov)[..., None] + r            # [B, H, W, n(v)]
     inside = ((ty >= 0) & (ty < h2))[..., :, None] & ((tx >= 0) & (tx < w2))[..., None, :]
-    f1p = f1.permute(0, 2, 3, 1).reshape(b * h * wd, 1, c).float()
-    per_px = n * n
+    per_px, rows = n * n, b * h * wd
+    f1p = f1.reshape(rows, 1, c)
     if h2 * w2 <= per_px:
         # Window larger than f2 (top level): all-pairs L1 is cheaper than per-label gathers.
         target = ty.clamp(0, h2 - 1)[..., :, None] * w2 + tx.clamp(0, w2 - 1)[..., None, :]
-        f2p = f2.permute(0, 2, 3, 1).reshape(b, h2 * w2, c).float()
-        cost = torch.cdist(f1p.view(b, h * wd, c), f2p, p=1).gather(2, target.reshape(b, h * wd, per_px))
+        cost = torch.cdist(f1.reshape(b, h * wd, c), f2.reshape(b, h2 * w2, c), p=1)
+        cost = cost.gather(2, target.reshape(b, h * wd, per_px)).view(rows, per_px)
     else:
         # The n labels of one window row are n consecutive pixels of f2: gather
-        # them as one contiguous run of n * C values (f2 channels-last, padded
-        # in x so that every window fits), in chunks of ~1M values through one reused
-        # buffer (fresh multi-MB tensors cost more in page faults than the
-        # arithmetic); cdist(p=1) reduces each |f1 - f2| row in one pass.
+        # them as one contiguous run of n * C values (f2 padded in x so that
+        # every window fits), in chunks of ~1M values through one reused buffer
+        # (fresh multi-MB tensors cost more in page faults than the
+        # arithmetic), then |f1 - f2| summed over channels in place.
         left = max(0, -int(tx[..., 0].min()))
         right = max(0, int(tx[..., -1].max()) - (w2 - 1))
         wp = w2 + left + right
-        f2p = F.pad(f2.float(), (left, right, 0, 0)).permute(0, 2, 3, 1).contiguous()  # [B, H2, wp, C]
+        f2p = F.pad(f2, (0, 0, left, right)) if left or right else f2.contiguous()
         runs = f2p.view(-1).as_strided((b * h2 * wp - n + 1, n * c), (c, 1))
         x0 = tx[..., 0] + left                                        # first label's padded column
         start = (torch.arange(b, device=dev).view(b, 1, 1, 1) * h2 + ty.clamp(0, h2 - 1)) * wp + x0[..., None]
         start = start.reshape(-1)                                     # [B H W n(v)]
-        rows = b * h * wd
         step = max(1, min(rows, (1 << 20) // max(c, 1) // per_px))
         buf = torch.empty(step * n, n * c, device=dev)
         cost = torch.empty(rows, per_px, device=dev)
@@ -249,7 +251,9 @@ def _data_cost(f1: Tensor, f2: Tensor, ou: Tensor, ov: Tensor, w: int,
             q1 = min(q0 + step, rows)
             g = buf[:(q1 - q0) * n]
             torch.index_select(runs, 0, start[q0 * n:q1 * n], out=g)
-            cost[q0:q1] = torch.cdist(f1p[q0:q1], g.view(q1 - q0, per_px, c), p=1).view(q1 - q0, per_px)
+            g3 = g.view(q1 - q0, per_px, c)
+            torch.sub(g3, f1p[q0:q1], out=g3).abs_()
+            torch.sum(g3, 2, out=cost[q0:q1])
     if data_trunc is not None:
         cost = cost.clamp(max=float(data_trunc))
     cost = cost.view(b, h, wd, n, n).permute(0, 3, 4, 1, 2).contiguous()
@@ -484,37 +488,59 @@ def _message_tables(ws: _Workspace, off: Tensor, forward: bool, alpha: float) ->
     (image border). Shifts beyond the extended envelope read its last entry
     plus ``alpha`` per extra label (``pen``). ``off``: packed offsets [2, P].
     Returns, per receiving diagonal, None or {planes: (flat index, flat pen or
-    None)} for planes (0, 1), (0,) and (1,).
+    None)} for planes (0, 2), (0, 1) and (1, 2).
     """
     g, n, le, ext = ws.grid, ws.n, ws.le, ws.ext
     dev = g.device
     src, valid, local = _senders(g, forward)
     delta = off[:, None, :] - off[:, src]                             # [2 planes, 2 slots, P]
-    shifted = bool(((delta.abs() > ext) & valid).any())
+    # Every receiver of diagonal t hears from diagonal t - 1 (forward) or t + 1 (backward).
+    sender_size = g.size_of_diag[(g.diag_of_col + (-1 if forward else 1)).clamp(0, g.t - 1)]
+    lane = (torch.arange(4, device=dev).view(2, 2, 1)) * le           # (plane, slot) block of the buffer
     j = torch.arange(n, device=dev).view(1, 1, n, 1)
-    lane = (torch.arange(2, device=dev).view(2, 1, 1) * 2 + torch.arange(2, device=dev).view(1, 2, 1)) * le
-    invalid = ~valid
-    tables = []
+    bad = ~valid.view(1, 2, 1, -1)
+    shifted = bool(((delta.abs() > ext) & valid).any())
+    if shifted:
+        i = ext + j + delta[:, :, None]
+        ic = i.clamp(0, le - 1)
+        idx = (lane[..., None] + ic) * sender_size + local[:, None]
+        pen = (alpha * (i - ic).abs()).float().masked_fill_(bad, 0.0)
+    else:
+        idx = ((lane + ext + delta) * sender_size + local)[:, :, None] + j * sender_size
+        pen = None
+    idx.masked_fill_(bad, ws.zero)
+    perm = _blocks(g, 4 * n)
+    idx = idx.view(-1).index_select(0, perm)
+    has_pen = [False] * g.t
+    if pen is not None:
+        per_col = (pen != 0).view(4 * n, -1).any(0).float()
+        has_pen = (torch.zeros(g.t, device=dev).index_add_(0, g.diag_of_col, per_col) > 0).tolist()
+        pen = pen.view(-1).index_select(0, perm)
+    tables, start = [], 0
     for r in range(g.t):
+        size = 4 * n * g.sizes[r]
         s = r - 1 if forward else r + 1
-        if not 0 <= s < g.t:
-            tables.append(None)
-            continue
-        c, ms = g.cols[r], g.sizes[s]
-        dl, bad = delta[:, :, c], invalid[:, c].view(1, 2, 1, -1)
-        if shifted:
-            i = ext + j + dl[:, :, None]
-            ic = i.clamp(0, le - 1)
-            idx = (lane[..., None] + ic) * ms + local[:, c][:, None]
-            pen = (alpha * (i - ic).abs()).float().masked_fill_(bad, 0.0)
-            pen = pen if bool(pen.any()) else None
+        if 0 <= s < g.t:
+            blk = idx[start:start + size].view(2, -1)
+            pb = pen[start:start + size].view(2, -1) if has_pen[r] else None
+            tables.append({(0, 2): (blk.view(-1), None if pb is None else pb.view(-1)),
+                           (0, 1): (blk[0], None if pb is None else pb[0]),
+                           (1, 2): (blk[1], None if pb is None else pb[1])})
         else:
-            idx = ((lane + ext + dl) * ms + local[:, c])[:, :, None] + j * ms
-            pen = None
-        idx.masked_fill_(bad, ws.zero)
-        tables.append({(p0, p1): (idx[p0:p1].reshape(-1), None if pen is None else pen[p0:p1].reshape(-1))
-                       for p0, p1 in ((0, 2), (0, 1), (1, 2))})
+            tables.append(None)
+        start += size
     return tables
+
+
+def _blocks(g: _Grid, rows: int) -> Tensor:
+    """Permutation taking a flattened ``[rows, P]`` tensor to the concatenation
+    of its diagonal blocks ``[rows, cols[t]]``, t = 0, 1, ... (each contiguous)."""
+    key = ("blocks", rows)
+    if key not in g.cache:
+        r = torch.arange(rows).view(rows, 1) * g.p
+        g.cache[key] = torch.cat([(r + torch.arange(c.start, c.stop)).reshape(-1)
+                                  for c in g.cols]).to(g.device)
+    return g.cache[key]
 
 
 def _sweeps(mrf: _Mrf, iters: int, alpha: float, d: float, cache: dict,
@@ -617,15 +643,17 @@ def _sift_flow_serial(f1: Tensor, f2: Tensor, alpha: float, d: float, gamma: flo
                       wsize: int, top_wsize: int, top_iters: int, iters: int,
                       data_trunc: float | None) -> Tensor:
     """SIFTflowc2f on one chunk of the batch (see the module docstring)."""
-    pyr1, pyr2 = [f1.float()], [f2.float()]
+    # Channels-last: the data term gathers whole feature vectors.
+    pyr1 = [f1.permute(0, 2, 3, 1).float().contiguous()]
+    pyr2 = [f2.permute(0, 2, 3, 1).float().contiguous()]
     for _ in range(nlev - 1):
         pyr1.append(_downsample(pyr1[-1]))
         pyr2.append(_downsample(pyr2[-1]))
     flow, ref_prev, cache = None, None, _thread_cache()
     for lev in range(nlev - 1, -1, -1):
         g1, g2 = pyr1[lev], pyr2[lev]
-        b, _, h, w = g1.shape
-        ref = _size_ratio_offsets(h, w, *g2.shape[-2:], g1.device)
+        b, h, w, _ = g1.shape
+        ref = _size_ratio_offsets(h, w, *g2.shape[1:3], g1.device)
         if flow is None:
             offsets = ref.expand(b, 2, h, w)
             win, nit, hierarchy = top_wsize, top_iters, 2
