@@ -492,30 +492,27 @@ def _message_tables(ws: _Workspace, off: Tensor, forward: bool, alpha: float) ->
     """
     g, n, le, ext = ws.grid, ws.n, ws.le, ws.ext
     dev = g.device
-    src, valid, local = _senders(g, forward)
-    delta = off[:, None, :] - off[:, src]                             # [2 planes, 2 slots, P]
-    # Every receiver of diagonal t hears from diagonal t - 1 (forward) or t + 1 (backward).
-    sender_size = g.size_of_diag[(g.diag_of_col + (-1 if forward else 1)).clamp(0, g.t - 1)]
-    lane = (torch.arange(4, device=dev).view(2, 2, 1)) * le           # (plane, slot) block of the buffer
-    j = torch.arange(n, device=dev).view(1, 1, n, 1)
-    bad = ~valid.view(1, 2, 1, -1)
-    shifted = bool(((delta.abs() > ext) & valid).any())
-    if shifted:
-        i = ext + j + delta[:, :, None]
+    src, valid, local, sender_size, const, feed = _table_constants(g, forward, n, le, ext, ws.zero)
+    delta = (off[:, None, :] - off[:, src]) * valid                   # [2 planes, 2 slots, P]
+    # Within the extension a shift only moves the read position: index = constant + delta * n_s.
+    idx = const + (delta * sender_size).view(-1).index_select(0, feed)
+    has_pen, pen = [False] * g.t, None
+    far = delta.abs() > ext
+    if bool(far.any()):
+        # Rare far shifts: clamp to the extended envelope and add alpha per label beyond it.
+        row, col = far.view(4, -1).nonzero(as_tuple=True)
+        j = torch.arange(n, device=dev)
+        i = ext + j + delta.view(4, -1)[row, col][:, None]            # [F, L]
         ic = i.clamp(0, le - 1)
-        idx = (lane[..., None] + ic) * sender_size + local[:, None]
-        pen = (alpha * (i - ic).abs()).float().masked_fill_(bad, 0.0)
-    else:
-        idx = ((lane + ext + delta) * sender_size + local)[:, :, None] + j * sender_size
-        pen = None
-    idx.masked_fill_(bad, ws.zero)
-    perm = _blocks(g, 4 * n)
-    idx = idx.view(-1).index_select(0, perm)
-    has_pen = [False] * g.t
-    if pen is not None:
-        per_col = (pen != 0).view(4 * n, -1).any(0).float()
-        has_pen = (torch.zeros(g.t, device=dev).index_add_(0, g.diag_of_col, per_col) > 0).tolist()
-        pen = pen.view(-1).index_select(0, perm)
+        t = g.diag_of_col[col]
+        size, first = g.size_of_diag[t][:, None], g.first_col[t][:, None]
+        pos = 4 * n * first + (row[:, None] * n + j) * size + (col[:, None] - first)
+        idx[pos] = (row[:, None] * le + ic) * sender_size[col][:, None] + local.view(-1)[
+            (row % 2) * g.p + col][:, None]
+        pen = torch.zeros(idx.shape, device=dev)
+        pen[pos] = alpha * (i - ic).abs().float()
+        for r in set(t.tolist()):
+            has_pen[r] = True
     tables, start = [], 0
     for r in range(g.t):
         size = 4 * n * g.sizes[r]
@@ -530,6 +527,26 @@ def _message_tables(ws: _Workspace, off: Tensor, forward: bool, alpha: float) ->
             tables.append(None)
         start += size
     return tables
+
+
+def _table_constants(g: _Grid, forward: bool, n: int, le: int, ext: int, zero: int) -> tuple:
+    """Offset-independent parts of :func:`_message_tables`, per grid and layout:
+    senders, validity, sender columns, sender block sizes, the block-major index
+    for zero shifts and, per block-major position, its [plane, slot, column]."""
+    key = ("tables", forward, n, le, ext, zero)
+    if key not in g.cache:
+        src, valid, local = _senders(g, forward)
+        # Every receiver of diagonal t hears from diagonal t - 1 (forward) or t + 1 (backward).
+        size = g.size_of_diag[(g.diag_of_col + (-1 if forward else 1)).clamp(0, g.t - 1)]
+        rows = torch.arange(4, device=g.device).view(4, 1, 1)       # (plane, slot) lanes of the buffer
+        j = torch.arange(n, device=g.device).view(1, n, 1)
+        const = (rows * le + ext + j) * size + local.repeat(2, 1)[:, None]
+        const.masked_fill_(~valid.repeat(2, 1)[:, None], zero)
+        perm = _blocks(g, 4 * n)
+        feed = (rows * g.p + torch.arange(g.p, device=g.device)).expand(4, n, g.p)
+        g.cache[key] = (src, valid, local, size, const.view(-1).index_select(0, perm),
+                        feed.reshape(-1).index_select(0, perm))
+    return g.cache[key]
 
 
 def _blocks(g: _Grid, rows: int) -> Tensor:
