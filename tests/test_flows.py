@@ -140,7 +140,7 @@ def _raster_bp(data, off, w, gamma, alpha, d, iters, msg=None, dual=None):
 def _random_mrf(b, h, w, half, spread, seed):
     g = torch.Generator().manual_seed(seed)
     n = 2 * half + 1
-    data = torch.rand(b, n, n, h, w, generator=g, dtype=torch.float64) * 3000
+    data = torch.rand(b, h, w, n, n, generator=g, dtype=torch.float64) * 3000
     off = torch.randint(-spread, spread + 1, (b, 2, h, w), generator=g)
     return _Mrf(data.float(), off, half, 1.3)
 
@@ -163,12 +163,12 @@ def test_wavefront_schedule_equals_raster_in_place_sweeps(iters, hierarchy):
         init_msg = init_dual = None
         if hierarchy:
             coarse = mrf.coarser()
-            cm, cd, _ = _raster_bp(coarse.data[b].double(), coarse.offsets[b], coarse.w, coarse.gamma,
-                                   alpha, d, 20)
+            cm, cd, _ = _raster_bp(coarse.data[b].permute(2, 3, 0, 1).double(), coarse.offsets[b], coarse.w,
+                                   coarse.gamma, alpha, d, 20)
             up = lambda t: t.repeat_interleave(2, -2).repeat_interleave(2, -1)[..., :5, :6]  # noqa: E731
             init_msg, init_dual = up(cm), up(cd)
-        ref_msg, ref_dual, rng = _raster_bp(mrf.data[b].double(), mrf.offsets[b], mrf.w, mrf.gamma,
-                                            alpha, d, iters, init_msg, init_dual)
+        ref_msg, ref_dual, rng = _raster_bp(mrf.data[b].permute(2, 3, 0, 1).double(), mrf.offsets[b], mrf.w,
+                                            mrf.gamma, alpha, d, iters, init_msg, init_dual)
         ours = msg[:, [0, 3, 1, 2], :, b]                              # to BPFlow's slot order
         assert torch.allclose(_normalised(ours, 2), _normalised(ref_msg, 2), atol=1e-2)
         assert torch.allclose(_normalised(dual[:, :, b], 1), ref_dual, atol=1e-2)
@@ -179,13 +179,13 @@ def test_wavefront_schedule_equals_raster_in_place_sweeps(iters, hierarchy):
 
 
 def test_coarser_mrf_sums_data_averages_offsets_and_halves_gamma():
-    data = torch.arange(2 * 3 * 3 * 3 * 3, dtype=torch.float32).view(2, 3, 3, 3, 3)
+    data = torch.arange(2 * 3 * 3 * 3 * 3, dtype=torch.float32).view(2, 3, 3, 3, 3)   # [B, H, W, L, L]
     off = torch.tensor([[[-3, -2, 5], [-2, -2, 1], [4, 0, 0]], [[1, 2, 0], [1, 1, 0], [0, 0, 7]]])
     mrf = _Mrf(data, off.expand(2, 2, 3, 3), 1, 3.0)
     coarse = mrf.coarser()
-    assert coarse.data.shape == (2, 3, 3, 2, 2) and coarse.gamma == 1.5 and coarse.w == 1
-    assert torch.equal(coarse.data[..., 0, 0], data[..., :2, :2].sum((-1, -2)))
-    assert torch.equal(coarse.data[..., 1, 1], data[..., 2, 2])      # lone corner pixel
+    assert coarse.data.shape == (2, 2, 2, 3, 3) and coarse.gamma == 1.5 and coarse.w == 1
+    assert torch.equal(coarse.data[:, 0, 0], data[:, :2, :2].sum((1, 2)))
+    assert torch.equal(coarse.data[:, 1, 1], data[:, 2, 2])          # lone corner pixel
     # Integer mean truncated toward zero, over the pixels that exist.
     assert coarse.offsets[0, 0].tolist() == [[-2, 3], [2, 0]]
     assert coarse.offsets[0, 1].tolist() == [[1, 0], [0, 7]]

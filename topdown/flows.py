@@ -211,7 +211,7 @@ def _data_cost(f1: Tensor, f2: Tensor, ou: Tensor, ov: Tensor, w: int,
     """L1 data term of eq. 3 for every label of a (2w+1)^2 window around (ou, ov).
 
     ``f1``, ``f2``: channels-last float maps [B, H, W, C]. Returns
-    ``D[b, iv, iu, y, x]``, the cost of flow (ou + iu - w, ov + iv - w) at
+    ``D[b, y, x, iv, iu]``, the cost of flow (ou + iu - w, ov + iv - w) at
     pixel (y, x) (outside matches filled in by :func:`_fill_outside`), and the
     mask of labels whose match lies inside f2.
     """
@@ -256,8 +256,7 @@ def _data_cost(f1: Tensor, f2: Tensor, ou: Tensor, ov: Tensor, w: int,
             torch.sum(g3, 2, out=cost[q0:q1])
     if data_trunc is not None:
         cost = cost.clamp(max=float(data_trunc))
-    cost = cost.view(b, h, wd, n, n).permute(0, 3, 4, 1, 2).contiguous()
-    return cost, inside.permute(0, 3, 4, 1, 2).contiguous()
+    return cost.view(b, h, wd, n, n), inside
 
 
 def _outside_cost(cost: Tensor, inside: Tensor) -> Tensor:
@@ -294,7 +293,7 @@ def _fill_outside(cost: Tensor, inside: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- MRF
 class _Mrf:
-    """One BPFlow MRF: ``data`` [B, L(v), L(u), H, W], integer window centres
+    """One BPFlow MRF: ``data`` [B, H, W, L(v), L(u)], integer window centres
     ``offsets`` [B, 2 (u, v), H, W], half-window ``w`` and range weight ``gamma``."""
 
     def __init__(self, data: Tensor, offsets: Tensor, w: int, gamma: float):
@@ -308,10 +307,10 @@ class _Mrf:
 
     def coarser(self) -> "_Mrf":
         """BPFlow's generateCoarserLevel: 2x2 blocks, same labels."""
-        b, n, _, h, w = self.data.shape
+        b, h, w, n, _ = self.data.shape
         hc, wc = (h + 1) // 2, (w + 1) // 2
         pad = (0, 2 * wc - w, 0, 2 * hc - h)
-        data = F.pad(self.data, pad).view(b, n, n, hc, 2, wc, 2).sum((4, 6))
+        data = F.pad(self.data, (0, 0, 0, 0, *pad)).view(b, hc, 2, wc, 2, n, n).sum((2, 4))
         total = F.pad(self.offsets, pad).view(b, 2, hc, 2, wc, 2).sum((3, 5))
         count = F.pad(torch.ones(1, 1, h, w, dtype=torch.long, device=self.offsets.device), pad)
         count = count.view(1, 1, hc, 2, wc, 2).sum((3, 5))
@@ -574,7 +573,7 @@ def _sweeps(mrf: _Mrf, iters: int, alpha: float, d: float, cache: dict,
     range term + dual messages).
     """
     data, w = mrf.data, mrf.w
-    b, n, _, h, wd = data.shape
+    b, h, wd, n, _ = data.shape
     dev = data.device
     ext = _shift_extension(mrf.offsets, alpha, d)
     ws = _workspace(cache, b, h, wd, n, ext, dev)
@@ -582,7 +581,7 @@ def _sweeps(mrf: _Mrf, iters: int, alpha: float, d: float, cache: dict,
     off = g.pack(mrf.offsets.transpose(0, 1))                         # [2, P]
     r = torch.arange(-w, w + 1, device=dev).view(1, n, 1)
     rng = mrf.gamma * (off[:, None] + r).abs().float()                # [2, L, P]
-    cost = g.pack(data.float().permute(1, 2, 0, 3, 4))                # [L(v), L(u), P]
+    cost = data.view(-1, n * n).index_select(0, g.pix_of_col).t().contiguous().view(n, n, -1)  # [L(v), L(u), P]
     if init is None:
         ws.msg.zero_()
         dual = torch.zeros(2, n, g.p, device=dev)
@@ -644,7 +643,7 @@ def _solve(mrf: _Mrf, iters: int, hierarchy: int, alpha: float, d: float, cache:
     this one's), then ``iters`` iterations. Returns the workspace with the
     final messages."""
     init = None
-    if hierarchy > 0 and min(mrf.data.shape[-2:]) > 1:
+    if hierarchy > 0 and min(mrf.data.shape[1:3]) > 1:
         ws = _solve(mrf.coarser(), HIERARCHY_ITERS, hierarchy - 1, alpha, d, cache)
         init = (ws.grid, ws.msg, ws.base - ws.rng)
     return _sweeps(mrf, iters, alpha, d, cache, init)
