@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import topdown.flows as flows
 from topdown.flows import (_Mrf, _downsample, _outside_cost, _solve, flow_energy, pyramid_levels,
                            sift_flow)
 
@@ -243,13 +244,14 @@ def test_output_contract_and_other_sizes():
     assert torch.equal(flow, flow.round())
 
 
-def test_batch_equals_pairs_one_at_a_time_and_workers_agree():
+def test_batch_equals_pairs_one_at_a_time_and_workers_agree(monkeypatch):
     f1 = smooth_maps(3, 12, 24, 24, seed=4)
     f2 = torch.cat([similarity_pair(f1[i:i + 1], deg, s)[0]
                     for i, (deg, s) in enumerate([(10, 1.0), (25, 0.9), (40, 1.2)])])
     batched = sift_flow(f1, f2, workers=1)
     single = torch.cat([sift_flow(f1[i:i + 1], f2[i:i + 1]) for i in range(3)])
     assert torch.equal(batched, single)
+    monkeypatch.setattr(flows, "_PAIRS_PER_WORKER", 1)                 # split even 3 pairs
     assert torch.equal(sift_flow(f1, f2, workers=2), batched)
 
 

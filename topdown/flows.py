@@ -233,9 +233,9 @@ def _data_cost(f1: Tensor, f2: Tensor, ou: Tensor, ov: Tensor, w: int,
     else:
         # The n labels of one window row are n consecutive pixels of f2: gather
         # them as one contiguous run of n * C values (f2 padded in x so that
-        # every window fits), in chunks of ~1M values through one reused buffer
-        # (fresh multi-MB tensors cost more in page faults than the
-        # arithmetic), then |f1 - f2| summed over channels in place.
+        # every window fits), in chunks of ~1M values (CPU; fresh multi-MB
+        # tensors cost more in page faults than the arithmetic) through one
+        # reused buffer, then |f1 - f2| summed over channels in place.
         left = max(0, -int(tx[..., 0].min()))
         right = max(0, int(tx[..., -1].max()) - (w2 - 1))
         wp = w2 + left + right
@@ -244,7 +244,8 @@ def _data_cost(f1: Tensor, f2: Tensor, ou: Tensor, ov: Tensor, w: int,
         x0 = tx[..., 0] + left                                        # first label's padded column
         start = (torch.arange(b, device=dev).view(b, 1, 1, 1) * h2 + ty.clamp(0, h2 - 1)) * wp + x0[..., None]
         start = start.reshape(-1)                                     # [B H W n(v)]
-        step = max(1, min(rows, (1 << 20) // max(c, 1) // per_px))
+        budget = 1 << 20 if dev.type == "cpu" else 1 << 28             # values per chunk: cache vs launches
+        step = max(1, min(rows, budget // max(c, 1) // per_px))
         buf = torch.empty(step * n, n * c, device=dev)
         cost = torch.empty(rows, per_px, device=dev)
         for q0 in range(0, rows, step):
@@ -388,6 +389,7 @@ class _Workspace:
         self._buf = [torch.empty(k * mmax, device=dev)
                      for k in (2 * n, 4 * n, 4, 4 * n * self.le, 4 * n, 4 * self.le)]
         self.steps: dict = {}
+        self.rng = self.base                                          # range term of the last MRF solved
 
     def step_views(self, planes: slice, forward: bool) -> list:
         key = (planes.start, planes.stop, forward)
@@ -422,6 +424,9 @@ class _Workspace:
 _LOCAL = threading.local()
 _CACHE_ENTRIES = 64
 _POOL: dict = {}
+# Below this many pairs per worker the per-step costs that every worker pays
+# in full outweigh the split (measured: docs/BENCHMARKS.md).
+_PAIRS_PER_WORKER = 16
 
 
 def _thread_cache() -> dict:
@@ -456,9 +461,9 @@ def _shift_extension(offsets: Tensor, alpha: float, d: float) -> int:
     return ext
 
 
-def _senders(g: _Grid, forward: bool) -> tuple[Tensor, Tensor]:
-    """Sender column of each receiver column, per slot [2, P], and whether it
-    exists. Forward: slot 0 <- right-going message of (x - 1, y), slot 1 <-
+def _senders(g: _Grid, forward: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Sender column of each receiver column, per slot [2, P], whether it
+    exists, and its position within its diagonal's block. Forward: slot 0 <- right-going message of (x - 1, y), slot 1 <-
     down-going message of (x, y - 1); backward: slot 2 <- up-going message of
     (x, y + 1), slot 3 <- left-going message of (x + 1, y)."""
     key = ("senders", forward)
@@ -563,11 +568,12 @@ def _sweeps(mrf: _Mrf, iters: int, alpha: float, d: float, cache: dict,
             init: tuple[_Grid, Tensor, Tensor] | None) -> _Workspace:
     """``iters`` iterations of BPFlow's BP_S on one MRF (see the module docstring).
 
-    Messages are normalised differently from BPFlow (by the sender's minimum
-    before the distance transform, the dual ones by their minimum), which
-    changes each message by a constant and so no belief's argmin. Iterations
-    ``i, i + 1`` with ``i % 8 == 4`` or ``6`` send no dual messages, so their
-    two planes are independent and are swept together.
+    Messages are normalised differently from BPFlow (a spatial message by the
+    sender's truncated envelope at its first label, or by the sender's minimum
+    where a far shift needs the truncation level; a dual message by its
+    minimum), which changes each message by a constant and so no belief's
+    argmin. Iterations ``i, i + 1`` with ``i % 8 == 4`` or ``6`` send no dual
+    messages, so their two planes are independent and are swept together.
 
     Returns the workspace holding the final messages (``msg``; ``base`` =
     range term + dual messages).
@@ -643,7 +649,7 @@ def _solve(mrf: _Mrf, iters: int, hierarchy: int, alpha: float, d: float, cache:
     this one's), then ``iters`` iterations. Returns the workspace with the
     final messages."""
     init = None
-    if hierarchy > 0 and min(mrf.data.shape[1:3]) > 1:
+    if hierarchy > 0 and max(mrf.data.shape[1:3]) > 1:
         ws = _solve(mrf.coarser(), HIERARCHY_ITERS, hierarchy - 1, alpha, d, cache)
         init = (ws.grid, ws.msg, ws.base - ws.rng)
     return _sweeps(mrf, iters, alpha, d, cache, init)
@@ -704,8 +710,9 @@ def sift_flow(f1: Tensor, f2: Tensor, alpha=2 * 255, d=40 * 255, gamma=0.005 * 2
         top_wsize, top_iters: half-window and BP iterations of the top level.
         data_trunc: keyword-only truncation ``t`` of the L1 data term.
         workers: keyword-only; CPU threads the batch is split over (default:
-            ``torch.get_num_threads()``, at most one per pair). CUDA inputs
-            always run as one batch.
+            ``torch.get_num_threads()``; at most one per 16 pairs, since each
+            worker pays the per-step costs in full). CUDA inputs always run
+            as one batch.
 
     Returns:
         float32 [B, 2, H, W] holding integers on the device of ``f1``: channel 0
@@ -724,7 +731,10 @@ def sift_flow(f1: Tensor, f2: Tensor, alpha=2 * 255, d=40 * 255, gamma=0.005 * 2
     args = (float(alpha), float(d), float(gamma), nlev, int(wsize), int(top_wsize), int(top_iters),
             int(iters), None if data_trunc is None else float(data_trunc))
     b = f1.shape[0]
-    n = 1 if f1.device.type != "cpu" else min(b, int(workers or torch.get_num_threads()))
+    if b == 0:
+        return torch.zeros(0, 2, *f1.shape[-2:], device=f1.device)
+    n = 1 if f1.device.type != "cpu" else max(1, min(int(workers or torch.get_num_threads()),
+                                                       b // _PAIRS_PER_WORKER))
     with torch.no_grad():
         if n <= 1:
             return _sift_flow_serial(f1.detach(), f2.detach(), *args)
