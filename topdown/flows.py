@@ -76,6 +76,7 @@ releases the GIL inside its kernels), each running single-threaded torch ops.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -427,6 +428,9 @@ _POOL: dict = {}
 # Below this many pairs per worker the per-step costs that every worker pays
 # in full outweigh the split (measured: docs/BENCHMARKS.md).
 _PAIRS_PER_WORKER = 16
+if hasattr(os, "register_at_fork"):
+    # A forked child (e.g. a DataLoader worker) has none of the pool's threads.
+    os.register_at_fork(after_in_child=_POOL.clear)
 
 
 def _thread_cache() -> dict:
