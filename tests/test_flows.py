@@ -53,8 +53,8 @@ def similarity_pair(f1, deg, scale, tx=0.0, ty=0.0):
 
 # --------------------------------------------------------------------------- the original's cases
 def test_reference_cases_reach_the_original_solver():
-    """Real-photo CNN features with the original BPFlow/SIFTflowc2f flows (tests/data, from
-    ../shared/siftflow_reference): same energy (mean ratio <= 1.03, none above 1.05) and an
+    """CNN features of real photographs with the original BPFlow/SIFTflowc2f flows
+    (tests/data, docs/FLOWS.md): same energy (mean ratio <= 1.03, none above 1.05) and an
     end-point error at most 0.15 px worse than the original's, case by case."""
     z = np.load(REFERENCE)
     ratios, same_flow, report = [], [], []
