@@ -7,9 +7,11 @@ optimizer:
 1. PCA epoch: flows of the base-amount pairs accumulate into
    :class:`topdown.generators.PCAStats`; at the epoch's end the statistics are
    summed over DDP ranks and ``M, U_1..U_K`` computed (§2.1.4).
-2. Regression epoch: flows of all amounts accumulate into
+2. Regression epoch: flows of all amounts, both signs (the datamodule's reversed
+   pairs carry ``delta = -a``), accumulate into
    :class:`topdown.generators.RegressionStats` (eq. 2); at the end ``w_lsq`` is
-   solved and the kind's generator joins the bank (§3.1).
+   solved and the kind's generator joins the bank (§3.1), with its fitted amount
+   range for :meth:`~topdown.generators.GeneratorBank.estimate`.
 
 After the last kind, the bank is written to ``<run>/generator_bank.pt`` and
 fitting stops. ``test`` evaluates the bank (§3.1 RMS/MAD, Fig. A2 negation) on

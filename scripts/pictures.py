@@ -11,6 +11,7 @@ scale 1.3x / 0.75x, left 30 px, up 30 px) about its object.
 * ``fig1_flows.png`` (Fig. 1): the SIFT flows of the image's six pairs, per layer.
 * ``fig2_pca.png`` (Fig. 2): the rotation flows' PCA mean ``M`` and first components ``U_1``, ``U_2``.
 * ``figA1_mean_flows.png`` (Fig. A1): the mean flow ``M`` of each kind (its base amount), per layer.
+* ``fig_generators.png``: the generators ``G[Δ]`` of the six cases, per layer (what Fig. 3 applies).
 * ``fig3_<layer>.png`` (Fig. 3), per inversion decoder: the truly transformed images, the inversions of
   their bottom-up features, and the inversions of the image's features warped by each generator.
 * ``figA2_<layer>.png`` (Fig. A2): inversions of the image's features after each generator and its
@@ -152,6 +153,11 @@ def main(argv: list[str] | None = None) -> dict:
         [[bank.layout.unflatten(bank.models[k].basis[:, 0].float())[layer] for k in kinds] for layer in layers],
         layers, [f"{k} {bank.models[k].base_amount:g}{unit.get(k, '')}" for k in kinds],
         title="Fig. A1: mean feature flow of each transform (its base amount)", note=note)
+
+    # The generators themselves, G[Δ] of the six cases (§3.1), beside Fig. 1's measured flows.
+    written["fig_generators"] = save_flow_grid(
+        run_dir / "fig_generators.png", [[gens[n][layer] for layer in layers] for n, _, _ in cases],
+        [n for n, _, _ in cases], layers, title="Generators G[Δ] = U[Δ]·w of the six cases, per layer", note=note)
 
     # Fig. A2 numbers: G then -G at conv5 against the untouched conv5 features.
     errors = []

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--zeroshot", default=None, help="zeroshot.csv of a finished scripts/zeroshot.py run to reuse")
     p.add_argument("--train-pairs", type=int, nargs="+", default=[50, 250, 1250, 3000],
                    help="training pairs per Siamese run (paper: 500 2500 12500 30000)")
-    p.add_argument("--samples", type=int, default=6000, help="training samples per run (epochs = samples / N)")
+    p.add_argument("--samples", type=int, default=2000, help="training samples per run (epochs = samples / N)")
     p.add_argument("--image-size", type=int, default=128, help="Siamese input side (paper: 224)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)

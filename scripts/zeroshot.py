@@ -11,7 +11,9 @@ bank's settings, then ``bank.estimate("rotation", flows)``; the pair is categori
 
 Writes ``<out>/zeroshot/version_N/``: ``zeroshot.csv`` (accuracy and absolute angle
 error, all pairs and per range), ``zeroshot_pairs.csv`` (every pair's truth and
-estimate), ``zeroshot_scatter.png`` (estimate against truth) and the W&B run.
+estimate), ``zeroshot_bins.csv`` (per 15° of the true Δθ: mean estimate and error, and
+how well the measured flows follow the ideal rotation flow: cosine and gain),
+``zeroshot_scatter.png`` (estimate against truth) and the W&B run.
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def evaluate(bank_path: str, a, out_dir: Path, batch_size: int = 16, logger=None
 
     from topdown.evidence import text_table, write_csv
     from topdown.generators import ConvFeatures, GeneratorBank
-    from topdown.zeroshot import SUMMARY_COLUMNS, categorize, estimate_pairs
+    from topdown.zeroshot import SUMMARY_COLUMNS, by_amount, categorize, estimate_pairs, rotation_field
 
     bank = GeneratorBank.load(bank_path)
     if "rotation" not in bank.kinds:
@@ -69,7 +71,9 @@ def evaluate(bank_path: str, a, out_dir: Path, batch_size: int = 16, logger=None
     dm = test_pairs(a, bank.image_size)
     loader = DataLoader(dm.test_set, batch_size=batch_size, shuffle=False, num_workers=0)
     t0 = time.perf_counter()
-    rows = estimate_pairs(bank, extractor, loader, "rotation")
+    # Each measured flow is also compared with the ideal flow of its true rotation (a perfect matcher's).
+    reference = (lambda amount: rotation_field(bank.layout, bank.image_size, amount)) if _alexnet(bank) else None
+    rows = estimate_pairs(bank, extractor, loader, "rotation", reference=reference)
     seconds = time.perf_counter() - t0
     skipped = len(dm.test_set) - len(rows)
     truth = torch.tensor([r["amount"] for r in rows])
@@ -80,6 +84,13 @@ def evaluate(bank_path: str, a, out_dir: Path, batch_size: int = 16, logger=None
             "weights": bank.meta.get("weights") if a.weights is None else a.weights, "seconds": round(seconds, 1)}
     write_csv(out_dir / "zeroshot.csv", summary)
     write_csv(out_dir / "zeroshot_pairs.csv", rows)
+    bins = by_amount(rows)
+    write_csv(out_dir / "zeroshot_bins.csv", bins)
+    bin_keys = [k for k in ("flow_cosine", "flow_gain") if k in bins[0]] if bins else []
+    print(text_table(["true Δθ", "pairs", "mean estimate °", "mean |error| °", *bin_keys],
+                     [[f"{b['amount_from']:g}-{b['amount_to']:g}", str(b["pairs"]), f"{b['estimate_mean']:.1f}",
+                       f"{b['abs_error_mean']:.1f}", *(f"{b[k]:.3f}" for k in bin_keys)] for b in bins],
+                     "by true amount (flow_cosine / flow_gain: measured flow against the ideal rotation flow)"))
     scatter = plot_scatter(out_dir / "zeroshot_scatter.png", truth, est, a.threshold, summary[0]["accuracy"],
                            bank.models["rotation"].fitted_range)
     table = [[r["range"], str(r["pairs"]), f"{100 * r['accuracy']:.1f}", f"{r['abs_error_mean']:.1f}",
@@ -93,6 +104,12 @@ def evaluate(bank_path: str, a, out_dir: Path, batch_size: int = 16, logger=None
                             "zeroshot/abs_error_mean": summary[0]["abs_error_mean"]})
         logger.log_image(key="zeroshot/scatter", images=[str(scatter)])
     return {"summary": summary, **info}
+
+
+def _alexnet(bank) -> bool:
+    from topdown.zeroshot import ALEXNET_GRID
+
+    return bank.meta.get("backbone", "alexnet") == "alexnet" and all(n in ALEXNET_GRID for n in bank.layout.names)
 
 
 def plot_scatter(path: Path, truth, est, threshold: float, accuracy: float, fitted) -> Path:

@@ -96,3 +96,14 @@ def test_rotation_pairs_are_fixed_by_index_not_by_size(tmp_path):
     item = dm.train_set[5]
     assert item["label"].item() == float(item["amount"].item() > 60) and item["image"].shape == (3, 32, 32)
     assert dm.test_set.draw(0) != dm.train_set.draw(0)  # another stream for the held-out split
+
+
+def test_rotation_field_turns_counter_clockwise_on_screen():
+    from topdown.zeroshot import rotation_field
+
+    layout = FlowLayout(("conv1", "conv5"), ((55, 55), (13, 13)))
+    field = layout.unflatten(rotation_field(layout, 224, 90.0))
+    # conv5 cell (row 6, col 12) sits at pixel (207.5, 111.5), offset (95.5, -0.5) from the centre (112, 112):
+    # +90° takes the offset to (-0.5, -95.5) (up), a displacement of (-96, -95) px = (-6, -5.9375) cells.
+    assert field["conv5"][:, 6, 12].tolist() == pytest.approx([-6.0, -5.9375])
+    assert field["conv1"].abs().max() > 0 and rotation_field(layout, 224, 0.0).abs().max() == 0

@@ -20,14 +20,42 @@ from topdown.generators import GeneratorBank, feature_flows
 SUMMARY_COLUMNS = ("range", "pairs", "accuracy", "abs_error_mean", "abs_error_median")
 
 
+# (stride, offset) of AlexNet's conv grids in input pixels: feature (i, j) sits at pixel
+# (stride·j + offset, stride·i + offset) (conv1 11x11/4 pad 2; pools 3x3/2 before conv2 and conv3).
+ALEXNET_GRID = {"conv1": (4, 3), "conv2": (8, 7), "conv3": (16, 15), "conv4": (16, 15), "conv5": (16, 15)}
+
+
+def rotation_field(layout, image_size: int, degrees: float, grid: Mapping[str, tuple[int, int]] = ALEXNET_GRID
+                   ) -> torch.Tensor:
+    """The flow ``[D]`` (layout order, layer pixels) of a rotation by ``degrees`` about the image centre.
+
+    Counter-clockwise on screen (y down), as :mod:`topdown.transforms` renders it: the displacement of
+    grid point ``p`` is ``(R(p - c) + c - p) / stride``. The ideal a perfect matcher would return.
+    """
+    t = math.radians(degrees)
+    c = image_size / 2
+    parts = []
+    for name, (h, w) in zip(layout.names, layout.shapes):
+        stride, offset = grid[name]
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                                indexing="ij")
+        dx, dy = stride * xs + offset + 0.5 - c, stride * ys + offset + 0.5 - c
+        u = (math.cos(t) * dx + math.sin(t) * dy - dx) / stride
+        v = (-math.sin(t) * dx + math.cos(t) * dy - dy) / stride
+        parts.append(torch.cat((u.reshape(-1), v.reshape(-1))))
+    return torch.cat(parts)
+
+
 def estimate_pairs(bank: GeneratorBank, extractor: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
-                   batches: Iterable[Mapping], kind: str = "rotation", flow_fn: Callable | None = None
-                   ) -> list[dict]:
+                   batches: Iterable[Mapping], kind: str = "rotation", flow_fn: Callable | None = None,
+                   reference: Callable[[float], torch.Tensor] | None = None) -> list[dict]:
     """Estimated amount of every valid pair of ``batches`` (dicts with ``image``, ``transformed``, ``amount``,
     ``valid`` and optionally ``index``, ``original``, ``state``).
 
     The flows use the bank's own settings (``meta["flow_kwargs"]``, ``meta["quantile"]``). Returns one row per
-    pair: ``index``, ``original``, ``state``, ``amount`` (truth), ``estimate``.
+    pair: ``index``, ``original``, ``state``, ``amount`` (truth), ``estimate``; with ``reference`` (the ideal
+    flow ``[D]`` of an amount, e.g. :func:`rotation_field`) also ``flow_cosine`` and ``flow_gain``, the
+    cosine and the projection ``<V, T>/|T|²`` of the measured flow ``V`` on the ideal ``T``.
     """
     flow_kwargs = bank.meta.get("flow_kwargs") or {}
     quantile = float(bank.meta.get("quantile", 0.99))
@@ -45,9 +73,35 @@ def estimate_pairs(bank: GeneratorBank, extractor: Callable[[torch.Tensor], Mapp
         est = bank.estimate(kind, flows)
         extra = {k: batch[k][valid].tolist() for k in ("index", "original", "state") if k in batch}
         truth = batch["amount"][valid].tolist()
+        vec = bank.layout.flatten(flows).double() if reference is not None else None
         for i in range(n):
-            rows.append({**{k: v[i] for k, v in extra.items()}, "amount": truth[i], "estimate": float(est[i])})
+            row = {**{k: v[i] for k, v in extra.items()}, "amount": truth[i], "estimate": float(est[i])}
+            if vec is not None:
+                ideal = reference(truth[i])
+                row["flow_cosine"] = float(vec[i] @ ideal / (vec[i].norm() * ideal.norm()).clamp_min(1e-12))
+                row["flow_gain"] = float(vec[i] @ ideal / (ideal @ ideal).clamp_min(1e-12))
+            rows.append(row)
     return rows
+
+
+def by_amount(rows: list[dict], width: float = 15.0) -> list[dict]:
+    """Rows of :func:`estimate_pairs` summarised per bin of the true amount: pairs, mean estimate, mean
+    absolute error (on the circle), and the mean flow cosine / gain when present."""
+    bins: dict[int, list[dict]] = {}
+    for r in rows:
+        bins.setdefault(int(r["amount"] // width), []).append(r)
+    out = []
+    for b in sorted(bins):
+        rs = bins[b]
+        truth = torch.tensor([r["amount"] for r in rs], dtype=torch.float64)
+        est = torch.tensor([r["estimate"] for r in rs], dtype=torch.float64)
+        row = {"amount_from": b * width, "amount_to": (b + 1) * width, "pairs": len(rs),
+               "estimate_mean": float(est.mean()), "abs_error_mean": float(angle_error(est, truth).mean())}
+        for key in ("flow_cosine", "flow_gain"):
+            if key in rs[0]:
+                row[key] = sum(r[key] for r in rs) / len(rs)
+        out.append(row)
+    return out
 
 
 def angle_error(estimate: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
