@@ -9,12 +9,15 @@ command runs
 1. the zero-shot task with the bank (``scripts/zeroshot.py``), unless ``--zeroshot``
    points at the ``zeroshot.csv`` of a finished run; without ``--bank`` a rotation bank
    is first fitted with ``train.py --model generators --data.transform rotation``;
-2. ``train.py --model siamese`` once per ``--train-pairs`` count, each for
+2. ``train.py --model siamese`` once per ``--train-pairs`` count (towers from ``--weights``, by
+   default the bank's AlexNet weights), each for
    ``max(1, ceil(--samples / N))`` epochs (the same number of training samples for
    every N, at least one epoch), tested on the same test pairs as the zero-shot task;
 3. writes ``siamese_curve.csv`` and ``siamese_curve.png`` (accuracy against the
-   number of training pairs, log x, the zero-shot accuracy as a horizontal line) in
-   ``<out>/siamese_curve/version_N/`` and logs both to W&B.
+   number of training pairs, log x, the zero-shot accuracy as a horizontal line; the
+   paper's figures in grey) in ``<out>/siamese_curve/version_N/`` and logs both to W&B.
+
+``--replot RUN_DIR`` draws ``siamese_curve.png`` again from that run's CSV (no training).
 """
 from __future__ import annotations
 
@@ -82,6 +85,27 @@ def train_siamese(a, runs: Path, n: int) -> dict:
     return row
 
 
+def plot(path: Path, rows: list[dict], zero: float, test_pairs: int, dataset: str, image_size: int) -> Path:
+    from topdown.pictures import save_curve
+
+    return save_curve(path, [r["train_pairs"] for r in rows], [100 * r["accuracy"] for r in rows],
+                      hline=100 * zero, hline_label=f"zero-shot generators ({100 * zero:.1f}%)",
+                      label="Siamese AlexNet", xlabel="training pairs (log scale)", ylabel="correct >60° / <60° (%)",
+                      title=f"§3.2 on {dataset}: {test_pairs} test pairs, {image_size} px Siamese", ylim=(0, 100),
+                      reference=[("paper: Siamese (ILSVRC, 224 px)", list(PAPER), list(PAPER.values()))],
+                      reference_hline=(f"paper: zero-shot ({PAPER_ZERO_SHOT:g}%)", PAPER_ZERO_SHOT))
+
+
+def replot(run_dir: str, dataset: str, image_size: int) -> Path:
+    with open(Path(run_dir) / "siamese_curve.csv", newline="") as fh:
+        raw = list(csv.DictReader(fh))
+    zero = next(float(r["accuracy"]) for r in raw if r["train_pairs"] == "zero-shot")
+    rows = [{"train_pairs": int(r["train_pairs"]), "accuracy": float(r["accuracy"])} for r in raw
+            if r["train_pairs"] != "zero-shot"]
+    test_pairs = next(int(r["test_pairs"]) for r in raw if r["train_pairs"] != "zero-shot")
+    return plot(Path(run_dir) / "siamese_curve.png", rows, zero, test_pairs, dataset, image_size)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bank", default=None, help="generator bank with a rotation generator (default: fit one)")
@@ -93,13 +117,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--wandb-runs", action="store_true", help="also log every Siamese run to W&B")
+    p.add_argument("--replot", default=None, help="a finished siamese_curve run folder: redraw its PNG only")
     p.add_argument("extra", nargs="*", help="more train.py flags after --")
     add_pair_arguments(p)
     a = p.parse_args(argv)
+    if a.replot:
+        path = replot(a.replot, a.dataset, a.image_size)
+        print(f"written to {path}")
+        return {"png": path}
     import torch
 
     from topdown.evidence import text_table, write_csv
-    from topdown.pictures import save_curve
 
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
@@ -112,16 +140,16 @@ def main(argv: list[str] | None = None) -> dict:
         zero_info = {"zeroshot_csv": a.zeroshot}
     else:
         bank = a.bank or fit_bank(a, runs)
+        if a.weights is None:  # the Siamese towers start from the AlexNet the generators were learned on
+            from topdown.generators import GeneratorBank
+
+            a.weights = GeneratorBank.load(bank).meta.get("weights")
         result = evaluate(bank, a, run_dir, logger=logger)
         zero = result["summary"][0]["accuracy"]
         zero_info = {"bank": bank, "zeroshot_seconds": result["seconds"]}
     rows = [train_siamese(a, runs, n) for n in sorted(a.train_pairs)]
     write_csv(run_dir / "siamese_curve.csv", [*rows, {"train_pairs": "zero-shot", "accuracy": zero}])
-    png = save_curve(run_dir / "siamese_curve.png", [r["train_pairs"] for r in rows],
-                     [100 * r["accuracy"] for r in rows], hline=100 * zero,
-                     hline_label=f"zero-shot generators ({100 * zero:.1f}%)", label="Siamese AlexNet",
-                     xlabel="training pairs (log scale)", ylabel="correct >60° / <60° (%)",
-                     title=f"§3.2 on {a.dataset}: {rows[0]['test_pairs']} test pairs, {a.image_size} px Siamese")
+    png = plot(run_dir / "siamese_curve.png", rows, zero, rows[0]["test_pairs"], a.dataset, a.image_size)
     table = [[str(r["train_pairs"]), str(r["epochs"]), f"{100 * r['accuracy']:.1f}", f"{100 * r['accuracy_below']:.1f}",
               f"{100 * r['accuracy_above']:.1f}", f"{r['seconds']:.0f}"] for r in rows]
     table.append(["zero-shot", "-", f"{100 * zero:.1f}", "", "", ""])

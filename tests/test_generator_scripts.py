@@ -52,7 +52,10 @@ def test_zeroshot_and_siamese_curve_commands(tiny_scenes, tmp_path):
     assert [r["train_pairs"] for r in rows] == ["4", "8", "zero-shot"]
     assert [r["epochs"] for r in rows[:2]] == ["2", "1"] and all(r["test_pairs"] == "6" for r in rows[:2])
     assert float(rows[2]["accuracy"]) == pytest.approx(curve["zero_shot"])
-    assert (curve["run_dir"] / "siamese_curve.png").stat().st_size > 10_000
+    png = curve["run_dir"] / "siamese_curve.png"
+    assert png.stat().st_size > 10_000
+    png.unlink()
+    assert siamese_curve.main(["--replot", str(curve["run_dir"])])["png"] == png and png.is_file()  # from the CSV
 
 
 @pytest.mark.slow

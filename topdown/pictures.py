@@ -118,7 +118,8 @@ def _save_figure(fig, path: str | Path, title: str, note: str, wheel_key: bool =
         fig.suptitle(title, fontsize=10)
     if note:
         fig.text(0.5, 0.002, note, ha="center", va="bottom", fontsize=7, color="dimgray")
-    fig.tight_layout(rect=(0, 0.03 if note else 0, 1, 0.97 if title else 1))
+    height = fig.get_size_inches()[1]  # margins in inches, whatever the figure's height
+    fig.tight_layout(rect=(0, 0.4 / height if note else 0, 1, 1 - 0.35 / height if title else 1))
     if wheel_key:
         _wheel_key(fig)
     path = Path(path)
@@ -130,10 +131,17 @@ def _save_figure(fig, path: str | Path, title: str, note: str, wheel_key: bool =
 
 def save_curve(path: str | Path, xs: Sequence[float], ys: Sequence[float], hline: float | None = None,
                hline_label: str = "", label: str = "", xlabel: str = "", ylabel: str = "", title: str = "",
-               log_x: bool = True) -> Path:
-    """One curve (``ys`` over ``xs``, log x by default, values annotated) with an optional horizontal line."""
+               log_x: bool = True, ylim: tuple[float, float] | None = None,
+               reference: Sequence[tuple[str, Sequence[float], Sequence[float]]] = (),
+               reference_hline: tuple[str, float] | None = None) -> Path:
+    """One curve (``ys`` over ``xs``, log x by default, values annotated) with an optional horizontal line;
+    ``reference`` curves ``(label, xs, ys)`` and ``reference_hline`` ``(label, y)`` are drawn in grey."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
+    for ref_label, rx, ry in reference:
+        ax.plot(rx, ry, marker="s", color="gray", linestyle=":", label=ref_label)
+    if reference_hline is not None:
+        ax.axhline(reference_hline[1], color="gray", linestyle="-.", linewidth=0.8, label=reference_hline[0])
     ax.plot(xs, ys, marker="o", label=label)
     for x, y in zip(xs, ys):
         ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
@@ -141,5 +149,7 @@ def save_curve(path: str | Path, xs: Sequence[float], ys: Sequence[float], hline
         ax.axhline(hline, color="tab:red", linestyle="--", label=hline_label)
     if log_x:
         ax.set_xscale("log")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_xlabel(xlabel)
     return _finish_plot(fig, ax, path, title, ylabel=ylabel)
