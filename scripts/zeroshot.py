@@ -13,7 +13,9 @@ Writes ``<out>/zeroshot/version_N/``: ``zeroshot.csv`` (accuracy and absolute an
 error, all pairs and per range), ``zeroshot_pairs.csv`` (every pair's truth and
 estimate), ``zeroshot_bins.csv`` (per 15° of the true Δθ: mean estimate and error, and
 how well the measured flows follow the ideal rotation flow: cosine and gain),
-``zeroshot_scatter.png`` (estimate against truth) and the W&B run.
+``zeroshot_generator.csv`` (the generator G[Δθ] itself, Δθ = -60..120°: the amount the estimate
+gives back for it, and its cosine and gain against the ideal flow), ``zeroshot_scatter.png``
+(estimate against truth) and the W&B run. ``--test-pairs 0`` writes the generator table only.
 """
 from __future__ import annotations
 
@@ -61,18 +63,27 @@ def evaluate(bank_path: str, a, out_dir: Path, batch_size: int = 16, logger=None
 
     from topdown.evidence import text_table, write_csv
     from topdown.generators import ConvFeatures, GeneratorBank
-    from topdown.zeroshot import SUMMARY_COLUMNS, by_amount, categorize, estimate_pairs, rotation_field
+    from topdown.zeroshot import (SUMMARY_COLUMNS, by_amount, categorize, estimate_pairs, generator_rows,
+                                  rotation_field)
 
     bank = GeneratorBank.load(bank_path)
     if "rotation" not in bank.kinds:
         raise ValueError(f"{bank_path} holds no rotation generator (kinds: {bank.kinds}); fit one with "
                          "python train.py --model generators --data.transform rotation")
+    # Flows are compared with the ideal flow of their true rotation (a perfect matcher's), and so is G[Δ].
+    reference = (lambda amount: rotation_field(bank.layout, bank.image_size, amount)) if _alexnet(bank) else None
+    gen = generator_rows(bank, "rotation", [-60.0 + 10 * i for i in range(19)], reference)
+    write_csv(out_dir / "zeroshot_generator.csv", gen)
+    keys = [k for k in ("cosine", "gain") if k in gen[0]]
+    print(text_table(["Δθ", "estimate of G[Δθ]", *keys],
+                     [[f"{r['amount']:g}", f"{r['own_estimate']:.6g}", *(f"{r[k]:.3f}" for k in keys)] for r in gen],
+                     "the rotation generator G[Δθ] against the ideal rotation flow"), flush=True)
+    if a.test_pairs == 0:
+        return {"generator": gen}
     extractor = ConvFeatures.for_bank(bank, a.weights).eval()
     dm = test_pairs(a, bank.image_size)
     loader = DataLoader(dm.test_set, batch_size=batch_size, shuffle=False, num_workers=0)
     t0 = time.perf_counter()
-    # Each measured flow is also compared with the ideal flow of its true rotation (a perfect matcher's).
-    reference = (lambda amount: rotation_field(bank.layout, bank.image_size, amount)) if _alexnet(bank) else None
     rows = estimate_pairs(bank, extractor, loader, "rotation", reference=reference)
     seconds = time.perf_counter() - t0
     skipped = len(dm.test_set) - len(rows)
@@ -103,7 +114,7 @@ def evaluate(bank_path: str, a, out_dir: Path, batch_size: int = 16, logger=None
         logger.log_metrics({"zeroshot/accuracy": summary[0]["accuracy"], "zeroshot/pairs": len(rows),
                             "zeroshot/abs_error_mean": summary[0]["abs_error_mean"]})
         logger.log_image(key="zeroshot/scatter", images=[str(scatter)])
-    return {"summary": summary, **info}
+    return {"summary": summary, "generator": gen, **info}
 
 
 def _alexnet(bank) -> bool:

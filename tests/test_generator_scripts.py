@@ -43,6 +43,9 @@ def test_zeroshot_and_siamese_curve_commands(tiny_scenes, tmp_path):
     assert rows["all"]["pairs"] == "6" and int(rows["< 60"]["pairs"]) + int(rows["> 60"]["pairs"]) == 6
     assert 0 <= float(rows["all"]["accuracy"]) <= 1 and zs["test_originals"] == 9
     assert len(_rows(zs["run_dir"] / "zeroshot_pairs.csv")) == 6 and (zs["run_dir"] / "zeroshot_scatter.png").is_file()
+    gen = _rows(zs["run_dir"] / "zeroshot_generator.csv")  # each G[Δθ] estimated back as Δθ
+    assert len(gen) == 19 and all(float(r["own_estimate"]) == pytest.approx(float(r["amount"]), abs=1e-3) for r in gen)
+    assert {"flow_cosine", "flow_gain"} <= set(_rows(zs["run_dir"] / "zeroshot_bins.csv")[0])
 
     curve = siamese_curve.main(["--zeroshot", str(zs["run_dir"] / "zeroshot.csv"), "--root", str(tiny_scenes),
                                 "--train-pairs", "8", "4", "--samples", "8", "--test-pairs", "6", "--image-size",

@@ -84,6 +84,26 @@ def estimate_pairs(bank: GeneratorBank, extractor: Callable[[torch.Tensor], Mapp
     return rows
 
 
+def generator_rows(bank: GeneratorBank, kind: str, amounts: Iterable[float],
+                   reference: Callable[[float], torch.Tensor] | None = None) -> list[dict]:
+    """The generator of each amount on its own: the amount :meth:`GeneratorBank.estimate` gives back for
+    ``G[Δ]`` (Δ itself when the estimator is sound) and, with ``reference``, the cosine and gain of ``G[Δ]``
+    against the ideal flow (as :func:`estimate_pairs` measures the pairs' flows)."""
+    model = bank.models[kind]
+    amounts = [float(a) for a in amounts]
+    flows = torch.stack([model.flow_vector(a) for a in amounts])
+    own = bank.estimate(kind, flows)
+    rows = []
+    for a, g, e in zip(amounts, flows, own.tolist()):
+        row = {"amount": a, "own_estimate": e}
+        if reference is not None:
+            ideal = reference(a)
+            row["cosine"] = float(g @ ideal / (g.norm() * ideal.norm()).clamp_min(1e-12))
+            row["gain"] = float(g @ ideal / (ideal @ ideal).clamp_min(1e-12))
+        rows.append(row)
+    return rows
+
+
 def by_amount(rows: list[dict], width: float = 15.0) -> list[dict]:
     """Rows of :func:`estimate_pairs` summarised per bin of the true amount: pairs, mean estimate, mean
     absolute error (on the circle), and the mean flow cosine / gain when present."""
