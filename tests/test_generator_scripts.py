@@ -85,3 +85,8 @@ def test_pictures_command_writes_every_figure(tiny_scenes, tmp_path):
     assert [r["case"] for r in errors] == ["rotate 30", "rotate -30", "scale 1.3x", "scale 0.75x", "left 30", "up 30"]
     assert all(float(r["rms"]) >= float(r["mad"]) >= 0 for r in errors)
     assert list((result["run_dir"] / "wandb").glob("offline-run-*/run-*.wandb"))  # the figures went to W&B
+    from scripts import docs_figures
+
+    copies = docs_figures.main(["--pictures", str(result["run_dir"]), "--inversion", str(cli.run_dir),
+                                "--out", str(tmp_path / "docs")])
+    assert {p.name for p in copies} == names | {"inversions_conv1.png"}
