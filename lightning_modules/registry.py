@@ -46,6 +46,19 @@ MODELS: dict[str, Preset] = {
         monitor="val/mc_acc",
     ),
     "generators": Preset("generators"),
+    "siamese": Preset(
+        "siamese",
+        links=(
+            ("data.image_size", "model.init_args.image_size"),
+            ("data.threshold", "model.init_args.threshold"),
+        ),
+    ),
+    "inversion": Preset(
+        "inversion",
+        links=(("data.image_size", "model.init_args.image_size"),),
+        monitor="val/loss",
+        mode="min",
+    ),
 }
 
 
