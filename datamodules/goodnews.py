@@ -340,7 +340,7 @@ class GoodNewsDataModule(LightningDataModule):
 class ScenesNewsDataModule(GoodNewsDataModule):
     """The same task on the news view of the embedded ``scenes`` data (``root/news``), built on first use."""
 
-    def __init__(self, root: str = "data/scenes", caption_vocab_size: int = 60, article_vocab_size: int = 150,
+    def __init__(self, root: str = "data/scenes", caption_vocab_size: int = 80, article_vocab_size: int = 200,
                  proper_nouns: bool = True, image_size: int = 128, batch_size: int = 32, num_workers: int = 2,
                  max_train_images: int | None = None, split_seed: int = 0, num_images: int = 3000, size: int = 128,
                  seed: int = 0):
