@@ -67,6 +67,9 @@ def _split(args: list[str]) -> tuple[list[str], list[str], Optional[str]]:
         value = args[i + 1] if takes else a.split("=", 1)[-1]
         if name == "--ckpt_path":
             ckpt = value
+        elif name == "--model" and takes or a.startswith("--model="):
+            if value != "news":
+                raise SystemExit(f"error: scripts/table2.py evaluates the news model, got --model {value}")
         elif name.startswith(GROUP):
             own += [a, args[i + 1]] if takes else [a]
         else:
