@@ -183,14 +183,6 @@ def test_scenes_news_view_is_additive_and_speaks_other_words(tiny_scenes, tmp_pa
 
 # ------------------------------------------------------------------ CLI and Table 2
 
-def test_fast_dev_run_news(tiny_scenes, tmp_path):
-    cli = train.main(tiny_news_args(tiny_scenes, tmp_path) + ["--trainer.fast_dev_run", "true"])
-    assert cli.trainer.state.finished
-    assert cli.model.hparams.num_caption_labels == cli.datamodule.num_caption_labels == 20
-    assert cli.model.hparams.num_article_labels == 40
-    assert {"test/map_caption", "test/map_article", "test/skipped"} <= set(cli.trainer.logged_metrics)
-
-
 @pytest.fixture(scope="module")
 def news_run(tiny_scenes, tmp_path_factory):
     """One real one-epoch news training run on the tiny scenes data."""
@@ -199,19 +191,33 @@ def news_run(tiny_scenes, tmp_path_factory):
     return cli, cli.trainer.checkpoint_callback.best_model_path
 
 
+def test_cli_trains_the_news_model_with_linked_sizes(news_run):
+    cli, ckpt = news_run
+    assert cli.trainer.state.finished and Path(ckpt).is_file()
+    assert cli.model.hparams.num_caption_labels == cli.datamodule.num_caption_labels == 20
+    assert cli.model.hparams.num_article_labels == cli.datamodule.num_article_labels == 40
+    assert cli.model.caption_weights.shape == (20,) and not torch.equal(cli.model.caption_weights, torch.ones(20))
+    assert {"test/map_caption", "test/map_article", "test/skipped"} <= set(cli.trainer.logged_metrics)
+
+
 TABLE_FLAGS = ["--table2.columns", "[lf:conv13, rf:layer3]", "--table2.lr_grid", "[0.03]", "--table2.steps", "2",
                "--table2.fractions", "[0, 0.5, 1]", "--table2.figure6_images", "2"]
 
 
-def test_table2_command_prints_the_layout_and_writes_files(tiny_scenes, news_run, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def table2_single(tiny_scenes, news_run, tmp_path_factory):
     import scripts.table2 as table2
 
-    result = table2.main(tiny_news_args(tiny_scenes, tmp_path) + TABLE_FLAGS + ["--ckpt_path", news_run[1]])
-    out = capsys.readouterr().out
+    runs = tmp_path_factory.mktemp("table2_runs")
+    return runs, table2.main(tiny_news_args(tiny_scenes, runs) + TABLE_FLAGS + ["--ckpt_path", news_run[1]])
+
+
+def test_table2_command_prints_the_layout_and_writes_files(table2_single):
+    result = table2_single[1]
     lines = result["table"].splitlines()
     assert lines[1].split() == ["LF-conv13", "RF-layer3"]
     assert [ln.split("  ")[0].strip() for ln in lines[3:]] == ["no-text", "50% text", "100% text"]
-    assert result["table"] in out
+    assert (Path(result["cli"].run_dir) / "table2.txt").read_text().strip() == result["table"]
     rows = {(r["row"], r["column"]): r["test_map"] for r in result["rows"]}
     assert rows[("no-text", "LF-conv13")] == rows[("no-text", "RF-layer3")] == result["nofp"]
     for c in result["chosen"]:
@@ -223,17 +229,16 @@ def test_table2_command_prints_the_layout_and_writes_files(tiny_scenes, news_run
 
 
 @pytest.mark.slow
-def test_table2_under_two_process_ddp_equals_single_process(tiny_scenes, news_run, tmp_path):
-    import scripts.table2 as table2
+def test_table2_under_two_process_ddp_equals_single_process(tiny_scenes, news_run, table2_single, tmp_path):
     from test_distributed import finish, newest_run, run_entry
 
-    ckpt = news_run[1]
+    single = table2_single[1]
     assert len(news_run[0].datamodule.dataset("test")) % 2 == 1, "the test split must not divide by 2 ranks"
-    args = tiny_news_args(tiny_scenes, tmp_path / "runs") + TABLE_FLAGS + ["--table2.figure6_images", "0"]
-    single = table2.main(args + ["--run.name", "single", "--ckpt_path", ckpt])
-    ddp = args + ["--run.name", "ddp", "--ckpt_path", ckpt, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-                  "--trainer.strategy", "ddp"]
-    out = finish(run_entry("scripts/table2.py", ddp, tmp_path))
+    ddp = tiny_news_args(tiny_scenes, tmp_path / "runs") + TABLE_FLAGS + [
+        "--table2.figure6_images", "0", "--run.name", "ddp", "--ckpt_path", news_run[1],
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    (tmp_path / "scripts").mkdir()  # run_entry logs to tmp_path/<script>-<time>.log
+    out = finish(run_entry("scripts/table2.py", ddp, tmp_path), timeout=400)
     assert "All distributed processes registered" in out
     import csv
 
