@@ -13,7 +13,7 @@ from PIL import Image
 
 import train
 from conftest import REPO, TINY_SCENES
-from datamodules.goodnews import GoodNewsDataModule, ScenesNewsDataModule, read_goodnews
+from datamodules.goodnews import GoodNewsDataModule, read_goodnews
 from topdown.news import known_evidence, multi_head, pack_positions, prefix_labels
 from topdown.text import find_nouns, noun_finder_scores, noun_positions, read_marked_sentences, tokenize
 
