@@ -101,7 +101,9 @@ class NewsModule(LightningModule):
     def _epoch_end(self, stage: str, skipped: SumMetric) -> None:
         for h in HEADS:
             metric = self.maps[f"{stage}_{h}"]
-            self.log(f"{stage}/map_{h}", metric.compute(), prog_bar=h == "caption")
+            # a split whose images were all skipped has no mAP (nothing to gather either)
+            value = metric.compute() if metric.update_called or self.trainer.world_size > 1 else float("nan")
+            self.log(f"{stage}/map_{h}", value, prog_bar=h == "caption")
             metric.reset()
         self.log(f"{stage}/skipped", skipped.compute())
         skipped.reset()

@@ -136,6 +136,16 @@ def test_goodnews_reader_skips_names_and_counts_bad_entries(tmp_path):
     assert dm.settings_record()["noun_finder"] == dm2.settings_record()["noun_finder"]
 
 
+def test_goodnews_preset_runs_end_to_end(tmp_path):
+    root = _goodnews_tree(tmp_path / "gn")
+    cli = train.main(["--model", "news", "--config", str(REPO / "configs" / "goodnews.yaml"), "--data.root", str(root),
+                      "--model.weights", "null", "--model.backbone", "resnet18", "--data.image_size", "32",
+                      "--data.num_workers", "0", "--data.batch_size", "4", "--run.root", str(tmp_path / "runs"),
+                      "--run.wandb", "false", "--trainer.fast_dev_run", "true", "--trainer.enable_progress_bar", "false"])
+    assert cli.trainer.state.finished and cli.model.hparams.num_caption_labels == 6  # every training caption noun
+    assert cli.trainer.logged_metrics["test/skipped"] == 1  # the corrupt a5_0.jpg, counted
+
+
 def test_goodnews_missing_root_and_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nothing")):
         GoodNewsDataModule(str(tmp_path / "nothing")).prepare_data()
