@@ -206,14 +206,18 @@ def parse_column(spec: str) -> tuple[str, tuple[str, ...]]:
     return method.lower(), tuple(layers.split("+"))
 
 
-def _run_split(cli, cb: TextEvidenceCallback, split: str) -> TextEvidenceCallback:
+def _run_split(cli, cb: TextEvidenceCallback, split: str, limit_batches: Optional[int] = None) -> TextEvidenceCallback:
     trainer = cli.trainer
     trainer.callbacks.append(cb)
+    saved = trainer.limit_val_batches
     try:
+        if limit_batches is not None:
+            trainer.limit_val_batches = limit_batches  # the selection only; the test split is always whole
         fn = trainer.validate if split == "val" else trainer.test
         fn(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
     finally:
         trainer.callbacks.remove(cb)
+        trainer.limit_val_batches = saved
     return cb
 
 
@@ -239,7 +243,8 @@ def run_table2(cli, cfg) -> dict:
     # 1. every (column, lr) on val with T = steps; the per-iteration records give every T <= steps
     grid = [TextRun(FeedbackSetting(m, layers, lr, cfg.steps), tuple(text)) for m, layers in columns for lr in cfg.lr_grid]
     kw = dict(absent=cfg.absent, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, max_samples=cfg.max_samples)
-    val = _run_split(cli, TextEvidenceCallback(grid, {f: dm.prefix_labels("val", f) for f in text}, "val", **kw), "val")
+    val = _run_split(cli, TextEvidenceCallback(grid, {f: dm.prefix_labels("val", f) for f in text}, "val", **kw), "val",
+                     cfg.val_batches)
 
     # 2. the best (lr, T) of each cell on val
     chosen: dict[tuple[str, float], dict] = {}
@@ -274,7 +279,8 @@ def run_table2(cli, cfg) -> dict:
     seconds = {"val": round(val.seconds, 1), "test": round(test.seconds, 1)}
     title = (f"Table 2 layout: caption-noun mAP (%) on test, {len(dm.caption_vocabulary)} caption nouns, "
              f"{len(dm.article_vocabulary)} article nouns; lr and T <= {cfg.steps} chosen on val per cell "
-             f"(lr grid {list(cfg.lr_grid)}); absent nouns: {cfg.absent}")
+             f"(lr grid {list(cfg.lr_grid)}{'' if cfg.val_batches is None else f', first {cfg.val_batches} val batches'}); "
+             f"absent nouns: {cfg.absent}")
     table_text = text_table([""] + names, rows, title)
     files: list[Path] = []
     result = {"table": table_text, "rows": csv_rows, "chosen": list(chosen.values()), "nofp": test.nofp,

@@ -42,8 +42,9 @@ class Table2CLI(TopdownCLI):
                             help="fractions of each article's words used as evidence (rows)")
         parser.add_argument(g + "columns", type=list[str], default=["lf:conv40", "rf:conv22"],
                             help="METHOD:PIVOTS columns, e.g. lf:conv40 rf:conv22 (ResNet-50 paper names) or lf:layer4")
-        parser.add_argument(g + "lr_grid", type=list[float], default=[0.003, 0.01, 0.03],
-                            help="update rates tried on val")
+        parser.add_argument(g + "lr_grid", type=list[float], default=[0.03, 0.1], help="update rates tried on val")
+        parser.add_argument(g + "val_batches", type=Optional[int], default=None,
+                            help="choose lr and T on the first N val batches only (default: all of val)")
         parser.add_argument(g + "steps", type=int, default=10, help="largest number of iterations T tried on val")
         parser.add_argument(g + "absent", type=Literal["negative", "unknown"], default="negative",
                             help="a vocabulary noun missing from the text prefix is a known negative, or unknown")
