@@ -981,6 +981,9 @@ def build_scenes(root, num_images: int = 3000, size: int = 128, seed: int = 0, w
         "central_objects": central,
         "build_seconds": round(time.perf_counter() - t0, 2),
     }
+    from datamodules.scenes_news import build_news_view
+
+    build_news_view(root, seed)  # the GoodNews-layout news view (root/news), from the files above
     _write_json(root / "scenes.json", meta)
     return root
 

@@ -59,6 +59,16 @@ MODELS: dict[str, Preset] = {
         monitor="val/loss",
         mode="min",
     ),
+    "news": Preset(
+        "news",
+        links=(
+            ("data.num_caption_labels", "model.init_args.num_caption_labels"),
+            ("data.num_article_labels", "model.init_args.num_article_labels"),
+            ("data.caption_label_weights", "model.init_args.caption_label_weights"),
+            ("data.article_label_weights", "model.init_args.article_label_weights"),
+        ),
+        monitor="val/map_caption",
+    ),
 }
 
 
