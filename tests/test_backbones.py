@@ -127,6 +127,27 @@ def test_weights_from_a_local_file_skip_the_old_head(tmp_path):
     net = build_backbone("resnet18", 3, weights=str(path))
     torch.testing.assert_close(net.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
     assert net.fc.out_features == 3
+    report = net.topdown_weights
+    assert report.complete and len(report.loaded) == len(source.state_dict()) and not report.unused
+    assert "loaded 122 tensors" in str(report)
+
+
+def test_an_incomplete_trunk_is_an_error_unless_partial_loading_is_asked_for(tmp_path):
+    source = torchvision.models.resnet18().state_dict()
+    kept = {k: v for k, v in source.items() if not k.startswith("layer4.")}  # most of the file matches
+    kept["conv1.weight"] = torch.zeros(64, 3, 5, 5)  # and one tensor has another shape
+    kept["extra.weight"] = torch.zeros(2)
+    torch.save(kept, tmp_path / "part.pth")
+    missing = sum(1 for k in source if k.startswith("layer4.") and not k.endswith("num_batches_tracked"))
+    with pytest.raises(ValueError, match=rf"{missing} trunk tensors missing \(layer4.*1 with other shapes \(conv1.weight "
+                                         r"\(64, 3, 5, 5\) in the file vs \(64, 3, 7, 7\).*partial_weights"):
+        build_backbone("resnet18", 3, weights=str(tmp_path / "part.pth"))
+    with pytest.warns(UserWarning, match=f"partial weights.*{missing} trunk tensors missing"):
+        net = build_backbone("resnet18", 3, weights=str(tmp_path / "part.pth"), partial_weights=True)
+    report = net.topdown_weights
+    assert not report.complete and report.unused == ["extra.weight"] and len(report.missing) == missing
+    torch.testing.assert_close(net.layer3[1].conv2.weight, source["layer3.1.conv2.weight"])
+    assert not torch.equal(net.conv1.weight, torch.zeros(64, 3, 7, 7))
 
 
 def test_dataparallel_prefixes_are_stripped(tmp_path):
