@@ -36,7 +36,7 @@ class LabelMAP(Metric):
         self.target.append(target.detach().to(torch.uint8))
 
     def compute(self) -> torch.Tensor:
-        if not self.scores:
+        if isinstance(self.scores, list) and not self.scores:  # a list until DDP synced it into a tensor
             return torch.tensor(float("nan"), device=self.device)
         ap = average_precision(dim_zero_cat(self.scores), dim_zero_cat(self.target))
         if self.subset is not None:

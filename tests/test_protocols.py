@@ -71,7 +71,8 @@ def test_sweep_reports_mean_and_std_over_five_draws(tiny_scenes, fp_checkpoint, 
     row = next(r for r in cb.summary if r["num_known"] == 3)
     values = [r["map_unknown"] for r in three]
     assert row["draws"] == 5
-    assert row["map_unknown"] == pytest.approx(np.mean(values)) and row["map_unknown_std"] == pytest.approx(np.std(values))
+    assert row["map_unknown"] == pytest.approx(np.mean(values))
+    assert row["map_unknown_std"] == pytest.approx(np.std(values, ddof=1))  # sample std, as every table
     assert next(r for r in cb.summary if r["num_known"] == 10)["draws"] == 1
     out = capsys.readouterr().out
     assert "known" in out and "RF-conv17" in out
@@ -81,25 +82,41 @@ def test_sweep_reports_mean_and_std_over_five_draws(tiny_scenes, fp_checkpoint, 
 
 
 @pytest.mark.slow
-def test_layers_prints_table_no_fp_first_and_writes_csv_png_wandb(tiny_scenes, fp_checkpoint, tmp_path, capsys):
+def test_layers_chooses_each_cell_on_val_reports_test_and_writes_csv_png_wandb(tiny_scenes, fp_checkpoint, tmp_path,
+                                                                              capsys):
     args = eval_args(tiny_scenes, tmp_path, fp_checkpoint)
     args = args[:-2] + ["--run.wandb", "true"]  # W&B offline: tables and images go there too
     cli = evaluate.main(args + ["--feedback.protocol", "layers", "--feedback.candidates", "[conv13,conv17]",
-                                "--feedback.steps", "1", "--feedback.unknown_file", str(tmp_path / "u.txt")])
+                                "--feedback.steps", "2", "--feedback.lr_grid", "[0.01,0.1]",
+                                "--feedback.unknown_file", str(tmp_path / "u.txt")])
     lines = capsys.readouterr().out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("layer-wise analysis"))
     header, body = lines[start + 1].split(), [line.split()[0] for line in lines[start + 3:start + 6]]
     assert header == ["LF", "RF"] and body == ["no-fp", "fp-conv-13", "fp-conv-17"]
     run = cli.run_dir
-    rows = read_csv(run / "fp_layers_test_summary.csv")
-    assert {(r["method"], r["layers"]) for r in rows} == {(m, c) for m in ("lf", "rf") for c in ("conv13", "conv17")}
-    for png in ("fp_layers_test.png", "fp_layers_test_iterations.png"):
+    val = read_csv(run / "fp_layers_val_iterations.csv")
+    test = read_csv(run / "fp_layers_test_summary.csv")
+    assert {r["split"] for r in val} == {"val"} and {r["split"] for r in test} == {"test"}
+    assert {(r["method"], r["layers"]) for r in test} == {(m, c) for m in ("lf", "rf") for c in ("conv13", "conv17")}
+    for c in cli.feedback["selection"]:
+        # each cell's (lr, t): the best val curve point (t >= 1; ties: fewer iterations, then the first lr)
+        cell = [r for r in val if (r["method"], r["layers"]) == (c["method"], c["layers"]) and int(r["iteration"]) >= 1]
+        best = max(cell, key=lambda r: (float(r["map_unknown"]), -int(r["iteration"]), -float(r["lr"])))
+        assert (c["lr"], c["iteration"]) == (float(best["lr"]), int(best["iteration"]))
+        # ... and the test pass ran that setting only
+        row = next(r for r in test if (r["method"], r["layers"]) == (c["method"], c["layers"]))
+        assert (float(row["lr"]), int(row["iteration"])) == (c["lr"], c["iteration"])
+    assert cli.feedback["best"]["layer"] in ("conv13", "conv17")
+    for png in ("fp_layers_test.png", "fp_layers_val_iterations.png"):
         assert (run / png).read_bytes()[:4] == b"\x89PNG"
     media = list((run / "wandb").glob("offline-run-*/files/media/table/**/*.json"))
     assert any("layers_test_summary" in p.name for p in media), media
     assert list((run / "wandb").glob("offline-run-*/files/media/images/**/*.png"))
     # the split was saved and the run folder keeps a copy
     assert (tmp_path / "u.txt").read_text() == (run / "unknown_labels.txt").read_text()
+    with pytest.raises(ValueError, match="chooses λ and T on val"):
+        evaluate.main(eval_args(tiny_scenes, tmp_path, fp_checkpoint) + [
+            "--feedback.protocol", "layers", "--feedback.split", "val"])
 
 
 @pytest.mark.slow
@@ -111,16 +128,33 @@ def test_select_picks_lr_and_T_on_val_and_applies_them_on_test(tiny_scenes, fp_c
     chosen = json.loads((run / "fp_selection.json").read_text())
     assert len(chosen) == 1
     c = chosen[0]
-    # the choice is the best (lr, t) of the validation curves
-    val = [r for r in read_csv(run / "fp_select_val_iterations.csv")]
-    best = max(val, key=lambda r: (float(r["map_unknown"]), -int(r["iteration"])))
+    # the choice is the best (lr, t >= 1) of the validation curves
+    val = [r for r in read_csv(run / "fp_select_val_iterations.csv") if int(r["iteration"]) >= 1]
+    best = max(val, key=lambda r: (float(r["map_unknown"]), -int(r["iteration"]), -float(r["lr"])))
     assert (c["lr"], c["steps"]) == (float(best["lr"]), int(best["iteration"]))
     assert c["val_map_unknown"] == pytest.approx(float(best["map_unknown"]))
     # the test pass ran exactly that setting
     test = read_csv(run / "fp_select_test_summary.csv")
     assert len(test) == 1 and float(test[0]["lr"]) == c["lr"] and int(test[0]["steps"]) == c["steps"]
-    assert {r["split"] for r in test} == {"test"} and {r["split"] for r in val} == {"val"}
+    assert {r["split"] for r in test} == {"test"}
     assert c["test_map_unknown"] == pytest.approx(float(test[0]["map_unknown"]))
+
+
+@pytest.mark.slow
+def test_select_applies_lf_with_two_pivots_as_the_same_computation(tiny_scenes, fp_checkpoint, tmp_path):
+    """LF over two pivots is chosen at an iteration t of its schedule (T per pivot) and applied on test
+    as that same computation: the schedule stopped at t, whatever t is."""
+    common = eval_args(tiny_scenes, tmp_path, fp_checkpoint) + [
+        "--feedback.layers", "[conv13,conv17]", "--feedback.method", "lf", "--feedback.steps", "2",
+        "--feedback.unknown_file", str(tmp_path / "u.txt")]
+    sel = evaluate.main(common + ["--feedback.protocol", "select", "--feedback.lr_grid", "[0.03,0.3]"])
+    c = sel.feedback["selection"][0]
+    assert 1 <= c["iteration"] <= 4 and c["steps"] == 2 and c["stop"] in (None, c["iteration"])
+    # the whole schedule on test, every iteration kept: its iteration t is what select reported
+    full = evaluate.main(common + ["--feedback.lr", str(c["lr"]), "--feedback.iterations", "all"])
+    at_t = next(r for r in full.feedback["callback"].records if r["iteration"] == c["iteration"])
+    assert c["test_map_unknown"] == pytest.approx(at_t["map_unknown"], abs=1e-6)
+    assert c["test_map_known"] == pytest.approx(at_t["map_known"], abs=1e-6)
 
 
 @pytest.mark.slow
