@@ -11,8 +11,9 @@ import torch
 
 import evaluate
 from test_feedback_callback import eval_args, fp_checkpoint  # noqa: F401  (shared trained checkpoint)
-from topdown.evidence import (complement, draw_unknown_labels, known_counts, known_label_draws, load_label_split,
-                              unknown_labels)
+from callbacks.feedback import FeedbackSetting
+from topdown.evidence import (KnownDraw, complement, draw_unknown_labels, known_counts, known_label_draws,
+                              load_label_split, mean_std, plan_passes, select_setting, unknown_labels)
 
 VOCAB = [f"w{i}" for i in range(20)]
 
@@ -56,6 +57,49 @@ def test_known_draws_are_disjoint_from_unknown_and_differ():
     # a count's draws do not depend on which other counts are asked for
     alone = known_label_draws(unknown, 20, [4], draws=5, seed=0)
     assert all(torch.equal(a.labels, b.labels) for a, b in zip(alone, [d for d in draws if d.num_known == 4]))
+
+
+def test_select_setting_takes_the_best_value_then_fewer_iterations_then_the_first_setting():
+    curves = {1e-3: [0.30, 0.31, 0.33, 0.33], 1e-2: {0: 0.30, 1: 0.33, 2: float("nan"), 3: 0.32}}
+    pick = select_setting(curves)
+    assert (pick.key, pick.iteration, pick.value) == (1e-2, 1, 0.33)  # 0.33 at t=1 beats 0.33 at t=2
+    assert select_setting({"a": [0.5, 0.4], "b": [0.9, 0.3]}).key == "a"  # t = 0 is not feedback-prop
+    assert select_setting({"a": [0.5, 0.4]}, min_iteration=0).iteration == 0
+    # tuples: the first figure decides, the second breaks its ties (Table 1: MC Acc, then mAP)
+    assert select_setting({"x": [(50.0, 60.0), (52.0, 61.0)], "y": [(50.0, 60.0), (52.0, 63.0)]}).key == "y"
+    with pytest.raises(ValueError, match="no validation value"):
+        select_setting({"a": [0.5, float("nan")]})
+
+
+def test_a_chosen_iteration_is_applied_as_the_same_computation():
+    rf, lf1 = FeedbackSetting("rf", ("conv13",), 0.1, 10), FeedbackSetting("lf", ("conv13",), 0.1, 10)
+    lf2 = FeedbackSetting("lf", ("conv9", "conv13"), 0.1, 10)
+    assert (rf.at(4).steps, rf.at(4).stop, lf1.at(4).steps) == (4, None, 4)
+    # LF over two pivots: iteration 12 is 10 updates of conv9 and 2 of conv13, not 6 + 6
+    assert (lf2.at(12).steps, lf2.at(12).stop, lf2.at(12).last) == (10, 12, 12)
+    assert lf2.at(20).stop is None and lf2.end == 20
+    assert lf2.at(12).kept("last") == [12] and lf2.kept("all") == list(range(1, 21))
+
+
+def test_mean_std_is_the_sample_std_and_counts_nan():
+    m = mean_std([1.0, 2.0, float("nan"), 4.0])
+    assert m.mean == pytest.approx(7 / 3) and m.std == pytest.approx(np.std([1, 2, 4], ddof=1))
+    assert (m.count, m.nan) == (3, 1) and mean_std([5.0]).std == 0.0
+
+
+def test_passes_keep_the_metric_state_under_the_budget():
+    draws = [KnownDraw(k, d, torch.arange(k)) for k in (50, 100, 500) for d in range(5 if k < 500 else 1)]
+    size = lambda s, d: 1000 * (500 + draws[d].num_known)  # noqa: E731
+    assert plan_passes(6, draws, size, 10_000, None) == [(list(range(6)), list(range(11)))]
+    budget = 10_000 + 6 * 5 * 1000 * 600  # all settings fit with the five draws of 100, not more
+    passes = plan_passes(6, draws, size, 10_000, budget)
+    units = sorted((s, d) for ss, ds in passes for s in ss for d in ds)
+    assert units == sorted((s, d) for s in range(6) for d in range(11))  # every unit exactly once
+    for ss, ds in passes:
+        assert 10_000 + sum(size(s, d) for s in ss for d in ds) <= budget
+        assert len({draws[d].num_known for d in ds}) == 1  # one amount of known labels at a time
+    with pytest.raises(ValueError, match="one setting x draw needs"):
+        plan_passes(1, draws, size, 10_000, 10_000 + 500_000)
 
 
 # --------------------------------------------------------------------- protocols via evaluate.py
