@@ -44,12 +44,13 @@ from typing import Any, Literal, Sequence
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from topdown.evidence import Evidence, KnownDraw, MultiLabelEvidence, plain_rows, summarize, write_csv
+from topdown.evidence import Evidence, KnownDraw, MultiLabelEvidence, plain_rows, plan_passes, summarize, write_csv
 from topdown.feedback import METHODS, StopFeedback, feedback_prop
 
 KEEP = ("last", "all")
 DEFAULT_MAX_SAMPLES = 32  # images x draws per call: ResNet-50 / VGG-16 at 224 px with an early pivot
 DEFAULT_MAX_STATE_GB = 2.0
+AP_RESERVE = 128 << 20  # bytes: average_precision's sorted blocks and label masks at COCO size
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,38 @@ def state_bytes(evidence: Evidence, settings: Sequence[FeedbackSetting], keep: s
 
 def unit_bytes(evidence: Evidence, setting: FeedbackSetting, d: int, keep: str, num_samples: int) -> int:
     return num_samples * len(setting.kept(keep)) * evidence.width(d) * 4
+
+
+def plan_evaluation(evidence: Evidence, settings: Sequence[FeedbackSetting], keep: str, num_samples: int,
+                    max_state_gb: float | None) -> list[tuple[list[int], list[int]]]:
+    """The passes (setting indices, draw indices) that evaluate ``settings`` x the draws on
+    ``num_samples`` samples with at most ``max_state_gb`` of metric state each
+    (:func:`topdown.evidence.plan_passes`).
+
+    The budget covers the kept scores and what computing the figures adds at its peak: the
+    gathered scores of one (setting, draw, iteration) twice over (rank 0 receiving them) and the
+    AP's working arrays (:data:`AP_RESERVE`).
+    """
+    widest = max([evidence.width()] + [evidence.width(d) for d in range(len(evidence.draws))])
+    shared = num_samples * (evidence.width() * 4 + evidence.target_bytes()) + 2 * num_samples * widest * 4 + AP_RESERVE
+    budget = None if max_state_gb is None else int(max_state_gb * 2**30)
+    return plan_passes(len(settings), evidence.draws,
+                       lambda s, d: unit_bytes(evidence, settings[s], d, keep, num_samples), shared, budget)
+
+
+def _concat(parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+    """``torch.cat(parts)``, freeing each part once copied (the peak is the result and one part)."""
+    if not parts:
+        return empty
+    out = torch.empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype)
+    i = 0
+    parts.reverse()
+    while parts:
+        p = parts.pop()
+        out[i:i + p.shape[0]] = p
+        i += p.shape[0]
+        del p
+    return out
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
@@ -253,14 +286,18 @@ class FeedbackPropCallback(Callback):
         self._reset()
         if self.max_state_gb is None:
             return
-        n = self._num_samples(trainer)
-        shared, per = state_bytes(self.evidence, self.settings, self.keep, n)
-        if shared + per > self.max_state_gb * 2**30:
+        n, why = self._num_samples(trainer), ""
+        try:
+            passes = plan_evaluation(self.evidence, self.settings, self.keep, n, self.max_state_gb)
+        except ValueError as err:
+            passes, why = None, f" ({err})"
+        if passes is None or len(passes) > 1:
+            shared, per = state_bytes(self.evidence, self.settings, self.keep, n)
             raise ValueError(
                 f"feedback-prop evaluation of {len(self.settings)} setting(s) x {len(self.draws)} draw(s) on "
                 f"{n} {self.stage} samples needs {(shared + per) / 2**30:.2f} GB of metric state, over "
-                f"max_state_gb={self.max_state_gb:g}; run it in parts (the protocols of evaluate.py do: "
-                "topdown.evidence.plan_passes), keep fewer iterations or raise the limit")
+                f"max_state_gb={self.max_state_gb:g}{why}; run it in parts (the protocols of "
+                "evaluate.py do: callbacks.feedback.plan_evaluation), keep fewer iterations or raise the limit")
 
     def _num_samples(self, trainer: Trainer) -> int:
         loaders = trainer.test_dataloaders if self.stage == "test" else trainer.val_dataloaders
@@ -378,8 +415,8 @@ class FeedbackPropCallback(Callback):
         ev = self.evidence
         dist = _distributed()
         device = pl_module.device if dist and torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-        target = torch.cat(self._target) if self._target else ev.empty_target()
-        plain = torch.cat(self._plain) if self._plain else torch.zeros(0, ev.width())
+        target = _concat(self._target, ev.empty_target())
+        plain = _concat(self._plain, torch.zeros(0, ev.width()))
         skipped = self._skipped
         if dist:
             counts = _all_gather_int(len(target), device)
@@ -395,9 +432,7 @@ class FeedbackPropCallback(Callback):
                 if rank0:
                     records.append({**head, "iteration": 0, **base[d]})
                 for t in setting.kept(self.keep):
-                    parts = self._kept.pop((s, d, t), [])
-                    scores = torch.cat(parts) if parts else torch.zeros(0, ev.width(d))
-                    del parts
+                    scores = _concat(self._kept.pop((s, d, t), []), torch.zeros(0, ev.width(d)))
                     if dist:
                         scores = gather_rows(scores, counts, device)
                     if rank0:

@@ -176,16 +176,13 @@ class _Protocol:
     def run(self, settings, split: str, tag: str, keep: Optional[str] = None) -> Result:
         """Evaluate ``settings`` x the evidence's draws on ``split``, in passes that fit the state budget;
         write ``fp_<tag>_iterations.csv`` / ``_summary.csv`` and log the merged figures."""
-        from callbacks.feedback import FeedbackPropCallback, log_metrics, log_wandb, result_metrics, table, unit_bytes
-        from topdown.evidence import plain_rows, plan_passes, summarize, write_csv
+        from callbacks.feedback import (FeedbackPropCallback, log_metrics, log_wandb, plan_evaluation, result_metrics,
+                                        table)
+        from topdown.evidence import plain_rows, summarize, write_csv
 
         ev, fb, trainer = self.evidence, self.fb, self.cli.trainer
         keep = keep or fb.iterations
-        n = self.split_size(split)
-        shared = n * (ev.width() * 4 + ev.target_bytes())
-        budget = None if fb.max_state_gb is None else int(fb.max_state_gb * 2**30)
-        passes = plan_passes(len(settings), ev.draws, lambda s, d: unit_bytes(ev, settings[s], d, keep, n),
-                             shared, budget)
+        passes = plan_evaluation(ev, settings, keep, self.split_size(split), fb.max_state_gb)
         if len(passes) > 1 and self.rank0:
             print(f"[feedback] {split}: {len(settings)} setting(s) x {len(ev.draws)} draw(s) in {len(passes)} passes "
                   f"to keep the metric state under {fb.max_state_gb:g} GB")

@@ -101,6 +101,12 @@ def test_callback_runs_under_default_inference_mode(single_run, tmp_path):
     # same iteration-0 scores whatever the trainer's inference mode
     ref = single_run.feedback["callback"].records[0]["map_unknown"]
     assert cb.records[0]["map_unknown"] == pytest.approx(ref, abs=1e-5)
+    # a metric state over the budget is refused before the first batch
+    small = FeedbackPropCallback([FeedbackSetting("lf", ("conv17",), 0.01, 2)], unknown, draws, max_state_gb=1e-4)
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[small],
+                      default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"needs 0.0\d GB of metric state, over max_state_gb=0.0001"):
+        trainer.test(model, datamodule=dm)
 
 
 @pytest.mark.slow
