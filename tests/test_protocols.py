@@ -85,6 +85,8 @@ def test_mean_std_is_the_sample_std_and_counts_nan():
     m = mean_std([1.0, 2.0, float("nan"), 4.0])
     assert m.mean == pytest.approx(7 / 3) and m.std == pytest.approx(np.std([1, 2, 4], ddof=1))
     assert (m.count, m.nan) == (3, 1) and mean_std([5.0]).std == 0.0
+    mean, std = m  # unpacks as the pair it always was
+    assert (mean, std) == (m.mean, m.std)
 
 
 def test_passes_keep_the_metric_state_under_the_budget():

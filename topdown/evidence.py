@@ -22,7 +22,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -415,13 +415,25 @@ class CoarseLabelEvidence(Evidence):
 # Summaries, tables, CSV, figures
 # ---------------------------------------------------------------------------------------
 
-class MeanStd(NamedTuple):
-    """Mean and standard deviation of the finite values; ``nan`` counts the values left out."""
+class MeanStd(tuple):
+    """``(mean, std)`` of the finite values (unpacks as a pair); ``count`` of them and ``nan``, the
+    number of values left out, as attributes."""
 
-    mean: float
-    std: float
-    count: int
-    nan: int
+    def __new__(cls, mean: float, std: float, count: int = 0, nan: int = 0):
+        out = super().__new__(cls, (mean, std))
+        out.count, out.nan = count, nan
+        return out
+
+    @property
+    def mean(self) -> float:
+        return self[0]
+
+    @property
+    def std(self) -> float:
+        return self[1]
+
+    def __repr__(self) -> str:
+        return f"MeanStd(mean={self[0]!r}, std={self[1]!r}, count={self.count}, nan={self.nan})"
 
 
 def mean_std(values: Iterable[float]) -> MeanStd:
