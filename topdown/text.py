@@ -14,15 +14,32 @@ image carries concept ``j`` when any of its captions contains word ``j``.
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import nltk
 import numpy as np
 from nltk.tokenize import TreebankWordTokenizer
 
 STOP_WORDS_FILE = Path(__file__).with_name("stopwords.txt")
+# `make setup` puts WordNet here (scripts/setup_nltk.sh); TOPDOWN_NLTK_DATA names another folder
+PROJECT_NLTK_DATA = Path(os.environ.get("TOPDOWN_NLTK_DATA", Path(__file__).resolve().parent.parent / ".nltk_data"))
+# The caption pipeline below; a change to it must give another vocabulary cache key.
+PIPELINE = "treebank-lower-alpha|stop-token-and-lemma|wordnet-noun-lemma|min-len-2"
+
+
+def _use_project_nltk_data() -> None:
+    """Let NLTK find the project's own data without NLTK_DATA exported (after NLTK_DATA's folders)."""
+    path = str(PROJECT_NLTK_DATA)
+    if PROJECT_NLTK_DATA.is_dir() and path not in nltk.data.path:
+        nltk.data.path.append(path)
+
+
+_use_project_nltk_data()
 
 
 def _load_stop_words(path: Path = STOP_WORDS_FILE) -> frozenset[str]:
@@ -54,8 +71,8 @@ def _lemmatizer():
         searched = [line.strip() for line in str(err).splitlines() if line.strip().startswith("- '")]
         raise LookupError(
             "NLTK's WordNet corpus is missing (needed to lemmatize captions, feedback-prop §4.1). "
-            "Run `make setup` (or `bash scripts/setup_nltk.sh .nltk_data`) and set NLTK_DATA to that "
-            f"folder. Searched: {' '.join(searched) or 'the NLTK data path'}"
+            f"Run `make setup` (or `bash scripts/setup_nltk.sh .nltk_data`), which puts it in {PROJECT_NLTK_DATA}, "
+            f"or set NLTK_DATA to a folder holding it. Searched: {' '.join(searched) or 'the NLTK data path'}"
         ) from None
     return WordNetLemmatizer()
 
@@ -64,6 +81,19 @@ def _lemmatizer():
 def lemmatize(word: str) -> str:
     """WordNet noun lemma of a lower-case word (``dogs`` -> ``dog``, ``buses`` -> ``bus``)."""
     return _lemmatizer().lemmatize(word)
+
+
+def pipeline_key() -> str:
+    """Identifies what turns captions into concepts: the stop words, the steps, NLTK's version.
+
+    Vocabulary and label caches are keyed on it, so changing the stop-word list or the
+    lemmatizer builds them again instead of reusing stale ones.
+    """
+    h = hashlib.sha1()
+    h.update(PIPELINE.encode())
+    h.update(nltk.__version__.encode())
+    h.update("\n".join(sorted(STOP_WORDS)).encode())
+    return h.hexdigest()[:16]
 
 
 def caption_words(caption: str) -> set[str]:
@@ -98,24 +128,36 @@ def build_vocabulary(captions: Iterable[str], k: int) -> list[str]:
     return [w for w, _ in ranked[:k]]
 
 
-def save_vocabulary(words: Sequence[str], path) -> None:
-    """Write one word per line (UTF-8)."""
-    bad = [w for w in words if not w or "\n" in w or w != w.strip()]
+KEY_PREFIX = "# topdown vocabulary key="
+
+
+def save_vocabulary(words: Sequence[str], path, key: str | None = None) -> None:
+    """Write one word per line (UTF-8); ``key`` (how it was built) goes on a first comment line."""
+    bad = [w for w in words if not w or "\n" in w or w != w.strip() or w.startswith("#")]
     if bad:
         raise ValueError(f"save_vocabulary: words must be non-empty single tokens, got {bad[:5]}")
-    Path(path).write_text("".join(f"{w}\n" for w in words), encoding="utf-8")
+    header = f"{KEY_PREFIX}{key}\n" if key else ""
+    Path(path).write_text(header + "".join(f"{w}\n" for w in words), encoding="utf-8")
 
 
 def load_vocabulary(path) -> list[str]:
-    """Read a vocabulary written by :func:`save_vocabulary`."""
+    """Read a vocabulary written by :func:`save_vocabulary` (or any one-word-a-line file; ``#`` lines are comments)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"vocabulary file not found: {path}")
-    words = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    words = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+             if line.strip() and not line.startswith("#")]
     if len(set(words)) != len(words):
         dup = [w for w, c in Counter(words).items() if c > 1]
         raise ValueError(f"vocabulary file {path} repeats words: {dup[:5]}")
     return words
+
+
+def vocabulary_key(path) -> str | None:
+    """The build key a vocabulary file was saved with (None for a file without one)."""
+    with open(path, encoding="utf-8") as f:
+        first = f.readline().strip()
+    return first[len(KEY_PREFIX):] if first.startswith(KEY_PREFIX) else None
 
 
 def labels_from_captions(captions_per_image: Sequence[Sequence[str]], vocab: Sequence[str]) -> np.ndarray:
