@@ -22,7 +22,9 @@ given, else the plain test stage):
   layers for the backbone), all complement labels known, rows ``no-fp``, ``fp-input``, ...;
   λ and T of each cell chosen on val, the test figure reported.
 * ``select`` — §4.1: choose the update rate (``--feedback.lr_grid``) and the number of
-  iterations T (≤ ``--feedback.steps``) on the validation split, then apply them on test.
+  iterations T (≤ ``--feedback.steps``) on the validation split, then apply them on test;
+  ``--feedback.extend_grid N`` extends the grid beyond an edge that val picks (N times at most)
+  so that the grid brackets the chosen rate.
 
 A hierarchical scene model (``--model hierarchical``, Table 1) is evaluated with its true
 coarse categories as the known evidence (``single`` and ``select``; pivots default to the
@@ -68,6 +70,9 @@ class EvaluateCLI(TopdownCLI):
         parser.add_argument(g + "lr", type=float, default=3e-3, help="update rate lambda")
         parser.add_argument(g + "lr_grid", type=list[float], default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
                             help="update rates tried on val by the select protocol")
+        parser.add_argument(g + "extend_grid", type=int, default=0,
+                            help="select: times the lr grid is extended beyond an edge that val picks, so the "
+                                 "grid brackets the chosen lr (0: never)")
         parser.add_argument(g + "optimizer", type=Literal["sgd", "momentum", "adam", "adagrad"], default="adam")
         parser.add_argument(g + "weight_decay", type=float, default=1e-4)
         parser.add_argument(g + "unknown_file", type=Optional[str], default=None,

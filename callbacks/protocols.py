@@ -432,10 +432,13 @@ def run_select(cli, fb) -> dict:
     ev = p.with_counts(p.counts(allow_list=False))
     m0 = ev.metrics[0]
     pivots, methods = p.pivot_sets(), p.methods()
-    val_settings = _settings(methods, pivots, list(fb.lr_grid), fb.steps)
+    val_settings = _settings(methods, pivots, sorted(fb.lr_grid), fb.steps)
     val = p.run(val_settings, "val", "select_val", keep="all")
     groups = {(piv, m): [s for s in val_settings if s.layers == piv and s.method == m] for piv in pivots for m in methods}
+    val, extensions = _extend(p, val, groups, getattr(fb, "extend_grid", 0) or 0)
     chosen = _choose(p, val, groups)
+    for c, settings in zip(chosen, groups.values()):
+        c["grid"] = [s.lr for s in settings]
     test = p.run([c["apply"] for c in chosen], "test", "select_test", keep="last")
     _with_test(p, chosen, test)
     header = ["", "lr", "T"] + [f"val {ev.headers.get(m, m)}" for m in ev.metrics[:1]] + \
@@ -446,14 +449,51 @@ def run_select(cli, fb) -> dict:
     rows = [nofp] + [[f"{c['method'].upper()}-{c['layers']}", f"{c['lr']:g}", _steps_text(c), p.show(c[f"val_{m0}"])]
                      + [p.show(c[f"test_{m}"], c[f"test_{m}_std"]) for m in ev.metrics] for c in chosen]
     by = ", ".join(fb.select_by or ev.criterion)
-    table = text_table(header, rows, f"lr and T chosen on val by {by} (lr grid {list(fb.lr_grid)}, T <= {fb.steps}"
+    grids = "; ".join(f"{c['method'].upper()}-{c['layers']} lr grid {c['grid']}" for c in chosen) if extensions \
+        else f"lr grid {sorted(fb.lr_grid)}"
+    table = text_table(header, rows, f"lr and T chosen on val by {by} ({grids}, T <= {fb.steps}"
                                      f"{' per pivot' if 'lf' in methods else ''}), applied on test")
     images = []
     if p.rank0:
         _write_selection(p, chosen, "fp_selection")
         images = [p.iteration_plot(val, "select_val"), p.iteration_plot(test, "select_test")]
     p.files += [p.out / "fp_selection.csv", p.out / "fp_selection.json"]
-    return p.finish(table, images, {"selection": _public(chosen), "val_callback": val, "callback": test})
+    return p.finish(table, images, {"selection": _public(chosen), "val_callback": val, "callback": test,
+                                    "extensions": extensions})
+
+
+def _extend(p: _Protocol, val: Result, groups: dict, rounds: int) -> tuple[Result, int]:
+    """Extend each group's λ grid beyond an edge that validation picks (:func:`topdown.evidence.extend_grid`),
+    at most ``rounds`` times: the new λ run on val only, their curves join the others, and the
+    choice is made on the extended grid.  ``groups`` is updated in place (each kept sorted by λ, so
+    ties still go to the smaller λ).  Returns the merged val result and the rounds run."""
+    from dataclasses import replace
+
+    from topdown.evidence import extend_grid, select_setting
+
+    for k in range(rounds):
+        new: dict = {}
+        for key, settings in groups.items():
+            curves = p.val_curves(val, settings)
+            best = {}
+            for s in settings:
+                try:
+                    best[s.lr] = select_setting({s: curves[s]}).value
+                except ValueError:  # no finite value at t >= 1
+                    best[s.lr] = float("nan")
+            new[key] = [replace(settings[0], lr=lr) for lr in extend_grid(best)]
+        todo = [s for v in new.values() for s in v]
+        if not todo:
+            return val, k
+        if p.rank0:
+            print(f"[feedback] val picked an edge of the lr grid: extending it with "
+                  + ", ".join(f"{s.name} lr={s.lr:g}" for s in todo))
+        more = p.run(todo, "val", f"select_val_ext{k + 1}", keep="all")
+        val = Result(val.stage, val.settings + more.settings, val.records + more.records, val.summary + more.summary,
+                     max(val.skipped, more.skipped), val.passes + more.passes, val.files + more.files)
+        for key, v in new.items():
+            groups[key] = sorted(groups[key] + v, key=lambda s: s.lr)
+    return val, rounds
 
 
 def _public(chosen: list[dict]) -> list[dict]:

@@ -13,7 +13,10 @@ known evidence (:class:`topdown.evidence.CoarseLabelEvidence`), through the shar
 conv2..conv5 as in the paper).
 
 Logged keys: ``train/loss``, ``{val,test}/loss``, ``{val,test}/mc_acc``, ``{val,test}/map``,
-``{val,test}/iou_acc`` (percent, topdown.metrics), ``{val,test}/skipped``.
+``{val,test}/iou_acc`` (percent, topdown.metrics), ``{val,test}/skipped``, and the same three figures
+of the fine softmax conditioned on the true coarse labels, ``{val,test}/cond_mc_acc``,
+``{val,test}/cond_map``, ``{val,test}/cond_iou_acc`` (:func:`topdown.sinn.condition_on_coarse`;
+the ``Bsln + cond`` row of Table 1 for the Baseline).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from topdown.sinn import (
     DEFAULT_THRESHOLD,
     SINN,
     FineClassifier,
+    condition_on_coarse,
     feature_trunk,
     pearson_correlation,
     relation_masks,
@@ -121,6 +125,7 @@ class HierarchicalModule(LightningModule):
         self.register_buffer("fine_to_general", torch.zeros(num_classes, num_general))
         self.register_buffer("fine_to_coarse", torch.zeros(num_classes, num_coarse))
         self.val_metrics, self.test_metrics = Table1Metric(), Table1Metric()
+        self.val_cond_metrics, self.test_cond_metrics = Table1Metric(), Table1Metric()
         self.val_skipped, self.test_skipped = SumMetric(), SumMetric()
 
     # ---------------------------------------------------------------- data-dependent state
@@ -174,7 +179,7 @@ class HierarchicalModule(LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=b["image"].shape[0])
         return loss
 
-    def _evaluate(self, batch: dict, stage: str, metric: Table1Metric, skipped: SumMetric) -> None:
+    def _evaluate(self, batch: dict, stage: str, metric: Table1Metric, cond: Table1Metric, skipped: SumMetric) -> None:
         skipped.update(torch.tensor(float((~batch["valid"]).sum()), device=self.device))
         b = self._valid(batch)
         if b["image"].shape[0] == 0:
@@ -183,24 +188,27 @@ class HierarchicalModule(LightningModule):
         # Per-rank loss only: a synced per-step log could deadlock on unequal batches.
         self.log(f"{stage}/loss", F.cross_entropy(logits, b["target"]), batch_size=b["image"].shape[0])
         metric.update(logits.softmax(-1), b["target"])
+        cond.update(condition_on_coarse(logits, b["coarse"], self.fine_to_coarse), b["target"])
 
-    def _log_epoch(self, stage: str, metric: Table1Metric, skipped: SumMetric) -> None:
+    def _log_epoch(self, stage: str, metric: Table1Metric, cond: Table1Metric, skipped: SumMetric) -> None:
         for key, value in metric.compute().items():
             self.log(f"{stage}/{key}", value, prog_bar=key == "mc_acc")
+        for key, value in cond.compute().items():
+            self.log(f"{stage}/cond_{key}", value)
         self.log(f"{stage}/skipped", skipped.compute())
-        metric.reset(), skipped.reset()
+        metric.reset(), cond.reset(), skipped.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_metrics, self.val_skipped)
+        self._evaluate(batch, "val", self.val_metrics, self.val_cond_metrics, self.val_skipped)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val", self.val_metrics, self.val_skipped)
+        self._log_epoch("val", self.val_metrics, self.val_cond_metrics, self.val_skipped)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_metrics, self.test_skipped)
+        self._evaluate(batch, "test", self.test_metrics, self.test_cond_metrics, self.test_skipped)
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch("test", self.test_metrics, self.test_skipped)
+        self._log_epoch("test", self.test_metrics, self.test_cond_metrics, self.test_skipped)
 
     def configure_optimizers(self):
         trunk = [p for p in self.net.trunk.parameters() if p.requires_grad]

@@ -12,8 +12,9 @@ import torch
 import evaluate
 from test_feedback_callback import eval_args, fp_checkpoint  # noqa: F401  (shared trained checkpoint)
 from callbacks.feedback import FeedbackSetting
-from topdown.evidence import (KnownDraw, complement, draw_unknown_labels, known_counts, known_label_draws,
-                              load_label_split, mean_std, plan_passes, select_setting, unknown_labels)
+from topdown.evidence import (KnownDraw, complement, draw_unknown_labels, extend_grid, known_counts, known_label_draws,
+                              load_label_split, mean_std, paired_differences, plan_passes, select_setting,
+                              unknown_labels)
 
 VOCAB = [f"w{i}" for i in range(20)]
 
@@ -69,6 +70,29 @@ def test_select_setting_takes_the_best_value_then_fewer_iterations_then_the_firs
     assert select_setting({"x": [(50.0, 60.0), (52.0, 61.0)], "y": [(50.0, 60.0), (52.0, 63.0)]}).key == "y"
     with pytest.raises(ValueError, match="no validation value"):
         select_setting({"a": [0.5, float("nan")]})
+
+
+def test_the_grid_is_extended_exactly_when_val_picks_an_edge():
+    grid = [1e-4, 3e-4, 1e-3]
+    assert extend_grid(dict(zip(grid, [(58.0, 66.0), (57.0, 70.0), (55.0, 60.0)]))) == [3.33e-5]  # bottom edge
+    assert extend_grid(dict(zip(grid, [55.0, 56.0, 58.0]))) == [3.33e-3]                          # top edge
+    assert extend_grid(dict(zip(grid, [55.0, 58.0, 57.0]))) == []                                  # inside
+    assert extend_grid(dict(zip(grid, [58.0, 58.0, 57.0]))) == []           # an inner λ ties the edge: bracketed
+    assert extend_grid(dict(zip(grid, [58.0, 57.0, 58.0]))) == [3.33e-5, 3.33e-3]  # both edges, nothing inside
+    assert extend_grid(dict(zip(grid, [float("nan"), 50.0, 52.0]))) == [3.33e-3]
+    assert extend_grid({1e-3: 50.0}) == [3.33e-4, 3e-3]                    # one value: both sides
+    assert extend_grid(dict(zip(grid, [58.0, 57.0, 55.0])), factor=10) == [1e-5]
+    with pytest.raises(ValueError, match="> 0"):
+        extend_grid({0.0: 1.0, 1e-3: 2.0})
+
+
+def test_paired_differences_are_the_per_run_differences():
+    per_run = {"LF": {0: {"acc": 60.0}, 1: {"acc": 55.0}, 2: {"acc": 70.0}},
+               "PL": {0: {"acc": 62.0}, 1: {"acc": 50.0}, 2: {"acc": 66.0}, 3: {"acc": 1.0}}}
+    (d,) = paired_differences(per_run, [("LF", "PL")], ["acc"])
+    assert d["pair"] == "LF − PL" and d["runs"] == [0, 1, 2] and d["acc_runs"] == [-2.0, 5.0, 4.0]
+    assert d["acc"] == pytest.approx(7 / 3)
+    assert d["acc_std"] == pytest.approx(np.std([-2.0, 5.0, 4.0], ddof=1))
 
 
 def test_a_chosen_iteration_is_applied_as_the_same_computation():

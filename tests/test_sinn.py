@@ -10,6 +10,7 @@ from topdown.sinn import (
     FineClassifier,
     coarse_known_loss,
     coarse_probabilities,
+    condition_on_coarse,
     feature_trunk,
     pearson_correlation,
     relation_masks,
@@ -122,6 +123,23 @@ def test_coarse_probabilities_sum_memberships():
     logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.15, 0.25]]))
     p = coarse_probabilities(logits, FINE_TO_COARSE)
     assert torch.allclose(p, torch.tensor([[0.6, 0.7]]), atol=1e-6)  # fine 2 counts for both
+
+
+def test_conditioning_on_known_coarse_labels_by_hand():
+    """Bsln + cond: zero the fine classes outside the known coarse categories, renormalise; fine 2
+    lies in both coarse categories, so it stays inside whichever is known."""
+    p = torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25])
+    known = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    got = condition_on_coarse(p.log().expand(3, 5), known, FINE_TO_COARSE)
+    want = torch.tensor([[0.1 / 0.6, 0.2 / 0.6, 0.3 / 0.6, 0.0, 0.0],   # inside: 0, 1, 2 (sum 0.6)
+                         [0.0, 0.0, 0.3 / 0.7, 0.15 / 0.7, 0.25 / 0.7],  # inside: 2, 3, 4 (sum 0.7)
+                         [0.1, 0.2, 0.3, 0.15, 0.25]])                    # both known: unchanged
+    assert torch.allclose(got, want, atol=1e-6)
+    # the argmax moves only where the evidence rules the Baseline's top class out
+    assert got.argmax(-1).tolist() == [2, 2, 2]
+    assert condition_on_coarse(torch.tensor([[0.0, 0, 0, 9.0, 0]]), known[:1], FINE_TO_COARSE).argmax().item() == 0
+    with pytest.raises(ValueError, match=r"image\(s\) \[1\]"):
+        condition_on_coarse(p.log().expand(2, 5), torch.tensor([[1.0, 0.0], [0.0, 0.0]]), FINE_TO_COARSE)
 
 
 def test_coarse_known_loss_is_per_sample_and_lower_when_consistent():

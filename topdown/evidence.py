@@ -12,7 +12,8 @@ label splits and their file, the draws of known labels, what a model's evaluatio
 computes (:class:`Evidence`: multi-label known/unknown labels, §4.1; coarse scene labels,
 §4.2), the choice of λ and T on validation curves (:func:`select_setting`), the summary over
 draws, how much metric state fits in memory, and the result tables, CSV files and figures
-that the protocols of ``evaluate.py`` write.
+that the protocols of ``evaluate.py`` write; :func:`extend_grid` (a λ grid that brackets the validation
+optimum) and :func:`paired_differences` (differences of rows that share each run's split).
 """
 from __future__ import annotations
 
@@ -555,6 +556,72 @@ def select_setting(curves: Mapping[Hashable, Mapping[int, Any] | Sequence[Any]],
         raise ValueError(f"no validation value at an iteration t >= {min_iteration} to choose from "
                          f"(settings: {list(curves)})")
     return best
+
+
+def _comparable(value: Any) -> tuple | None:
+    v = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    return None if any(isinstance(x, float) and math.isnan(x) for x in v) else v
+
+
+def extend_grid(best: Mapping[float, Any], factor: float | None = None) -> list[float]:
+    """The update rates to add so that the grid brackets the validation optimum.
+
+    Args:
+        best: for each λ of the grid, the best validation value it reached (a number or a tuple
+            compared in order, as in :func:`select_setting`; NaN: left out).
+        factor: the step beyond an edge; default the grid's own ratio at that edge (3 for
+            ``[1e-4, 3e-4, 1e-3]``'s lower edge), 3 for a one-value grid.
+
+    Returns:
+        ``[]`` when a λ strictly inside the grid reaches the best value (the optimum is
+        bracketed); else one λ beyond each edge that reaches it, rounded to 3 significant
+        digits (both sides for a one-value grid).  A caller runs them on val, adds them to
+        the grid and asks again, until ``[]`` or its limit.
+    """
+    lrs = sorted(float(lr) for lr in best)
+    if any(not lr > 0 for lr in lrs):
+        raise ValueError(f"extend_grid: update rates must be > 0, got {lrs}")
+    ranks = {lr: _comparable(best[lr]) for lr in lrs}
+    valid = [lr for lr in lrs if ranks[lr] is not None]
+    if not valid:
+        return []
+    top = max(ranks[lr] for lr in valid)
+    winners = [lr for lr in valid if ranks[lr] == top]
+    lo, hi = lrs[0], lrs[-1]
+    if any(lo < lr < hi for lr in winners):
+        return []
+    out = set()
+    if lo in winners:
+        out.add(float(f"{lo / (factor or (lrs[1] / lrs[0] if len(lrs) > 1 else 3.0)):.3g}"))
+    if hi in winners:
+        out.add(float(f"{hi * (factor or (lrs[-1] / lrs[-2] if len(lrs) > 1 else 3.0)):.3g}"))
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------------------------
+# Paired differences over runs (rows that share each run's split)
+# ---------------------------------------------------------------------------------------
+
+def paired_differences(per_run: Mapping[str, Mapping[Hashable, Mapping[str, float]]],
+                       pairs: Sequence[tuple[str, str]], metrics: Sequence[str]) -> list[dict]:
+    """Per pair of rows ``(a, b)`` and figure m: the differences ``a[m] − b[m]`` run by run, and their
+    mean ± sample std (:func:`mean_std`).
+
+    ``per_run[row][run] = {m: value}``.  Only the runs both rows have are paired.  Returns one dict
+    per pair: ``pair`` ("a − b"), ``a``, ``b``, ``runs``, and for each m ``m`` (mean), ``m_std``
+    and ``m_runs`` (the per-run differences, in the order of ``runs``).
+    """
+    out = []
+    for a, b in pairs:
+        ra, rb = per_run.get(a, {}), per_run.get(b, {})
+        runs = [r for r in ra if r in rb]
+        row: dict[str, Any] = {"pair": f"{a} − {b}", "a": a, "b": b, "runs": runs}
+        for m in metrics:
+            d = [float(ra[r][m]) - float(rb[r][m]) for r in runs]
+            ms = mean_std(d)
+            row[m], row[f"{m}_std"], row[f"{m}_runs"] = ms.mean, ms.std, d
+        out.append(row)
+    return out
 
 
 # ---------------------------------------------------------------------------------------

@@ -87,6 +87,37 @@ def coarse_probabilities(fine_logits: torch.Tensor, fine_to_coarse: torch.Tensor
     return fine_logits.softmax(-1) @ fine_to_coarse.to(fine_logits)
 
 
+def inside_known_coarse(known_coarse: torch.Tensor, fine_to_coarse: torch.Tensor) -> torch.Tensor:
+    """``[B, F]`` bool: fine category f lies in at least one of the image's known coarse categories.
+
+    A fine category in several coarse categories is inside as soon as one of them is known.
+    """
+    return (known_coarse.float() @ fine_to_coarse.float().T.to(known_coarse.device)) > 0
+
+
+def condition_on_coarse(fine_logits: torch.Tensor, known_coarse: torch.Tensor, fine_to_coarse: torch.Tensor) -> torch.Tensor:
+    """The ``Bsln + cond`` row of Table 1: the fine softmax conditioned on the known coarse labels.
+
+    ``p'(f) = p(f) [f inside] / Σ_g p(g) [g inside]`` with ``p = softmax(fine_logits)`` and
+    "inside" from :func:`inside_known_coarse` (multi-membership counts as inside): the fine
+    classes outside the known coarse categories are zeroed and the rest renormalised, the
+    evidence used at the output only.  Computed as the softmax of the logits with the outside
+    classes at −∞, the same numbers without the underflow of renormalising tiny probabilities.
+
+    Returns ``[B, F]`` probabilities; an image whose known coarse categories hold no fine
+    category is a ValueError naming it.
+    """
+    inside = inside_known_coarse(known_coarse, fine_to_coarse.to(fine_logits.device))
+    if inside.shape != fine_logits.shape:
+        raise ValueError(f"condition_on_coarse: fine logits {tuple(fine_logits.shape)} vs known coarse "
+                         f"{tuple(known_coarse.shape)} with a [{fine_to_coarse.shape[0]}, {fine_to_coarse.shape[1]}] hierarchy")
+    empty = (~inside.any(-1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"condition_on_coarse: no fine category lies in the known coarse categories of image(s) {empty[:10]}"
+                         + (f" and {len(empty) - 10} more" if len(empty) > 10 else ""))
+    return fine_logits.float().masked_fill(~inside, float("-inf")).softmax(-1)
+
+
 def coarse_known_loss(known_coarse: torch.Tensor, fine_to_coarse: torch.Tensor, eps: float = 1e-6) -> Callable[[torch.Tensor], torch.Tensor]:
     """Known loss for feedback-prop on a fine classifier (LF / RF rows of Table 1).
 
