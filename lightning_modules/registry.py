@@ -46,6 +46,14 @@ MODELS: dict[str, Preset] = {
         monitor="val/mc_acc",
     ),
     "generators": Preset("generators"),
+    "warp_alexnet": Preset(
+        "warp_alexnet",
+        links=(
+            ("data.num_classes", "model.init_args.num_classes"),
+            ("data.crop_size", "model.init_args.image_size"),
+        ),
+        monitor="val/top1",
+    ),
 }
 
 

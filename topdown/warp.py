@@ -316,3 +316,21 @@ def check_bank_fits(bank, layer: str, size: tuple[int, int], image_size: int, so
         raise ValueError(f"{source}: its {layer} maps are {have[0]}x{have[1]} (learned at {bank.image_size} px) but "
                          f"the network's {layer} is {size[0]}x{size[1]} at {image_size} px input; fit the bank at "
                          f"image_size {image_size}, or train at the bank's image size")
+
+
+# --------------------------------------------------------------------------------------------------- Table 1
+
+# torchvision's TenCrop order: top-left, top-right, bottom-left, bottom-right, centre, then the five mirrored.
+CENTER_VIEW = 4
+
+
+def view_probabilities(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities of Table 1's two evaluations from ``[B, 10, K]`` logits of the ten views.
+
+    Returns ``(centre crop, multi-view)``: the centre view's softmax, and the
+    softmax averaged over the four corner and centre crops and their mirror images.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"expected logits [B, views, K], got {tuple(logits.shape)}")
+    probs = logits.float().softmax(-1)
+    return probs[:, CENTER_VIEW], probs.mean(1)
