@@ -25,6 +25,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -122,7 +123,11 @@ class WarpAlexNetModule(LightningModule):
         self.val_skipped, self.test_skipped = SumMetric(), SumMetric()
 
     def _load_network(self, path: str) -> None:
-        state = load_state(path)
+        try:
+            state = load_state(path)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"init_from: {err} (evaluating or resuming a checkpoint of a run that started "
+                                    "from it? pass --model.init_from null: the checkpoint holds the network)") from None
         own = self.net.state_dict()
         missing = [k for k in own if k not in state]
         if missing:
@@ -136,6 +141,18 @@ class WarpAlexNetModule(LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Checkpoints load with or without a bank: the warp's buffers are training state, not the network."""
+        state = checkpoint.get("state_dict", {})
+        saved = [k for k in state if k.startswith("warp.")]
+        if self.warp is None and saved:
+            for k in saved:
+                del state[k]
+            rank_zero_info("warp_alexnet: the checkpoint was trained with a generator bank; this run has none")
+        elif self.warp is not None and not saved:
+            state.update({f"warp.{k}": v for k, v in self.warp.state_dict().items()})
+            rank_zero_info("warp_alexnet: the checkpoint has no generator warp; generator training starts from step 0")
 
     @staticmethod
     def _valid(batch: dict) -> dict:

@@ -89,8 +89,9 @@ def test_generator_training_and_ddp_ten_view_accuracy(cls_loc, tmp_path):
     expected = {k: last_value(rows, k) for k in ACCURACIES}
     assert last_value(rows, "test/skipped") == 4  # 1 corrupt file + 3 val images left out by the reader
 
+    # The warp is training state only: the checkpoint also evaluates without the bank.
     ddp = args + ["--ckpt_path", ckpt, "--run.name", "ddp", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-                  "--trainer.strategy", "ddp"]
+                  "--trainer.strategy", "ddp", "--model.bank", "null"]
     out = finish(run_entry("evaluate.py", ddp, tmp_path))
     assert "All distributed processes registered" in out
     rows = read_metrics(newest_run(tmp_path / "runs", "ddp"))
