@@ -26,37 +26,21 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics import SumMetric
+from torchmetrics import MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from topdown.backbones import build_backbone, load_state
 from topdown.warp import PAPER_GENERATORS, GeneratorWarp, attach, check_bank_fits, layer_size, view_probabilities
 
 
-class TopK:
+def topk_accuracy(num_classes: int) -> MetricCollection:
     """Top-1 and top-5 accuracy (micro: the share of samples whose class is among the k best scores).
 
     The states are sums, all-reduced over DDP ranks, and the eval sampler gives every
     sample to exactly one rank, so the figures do not depend on the number of devices.
     """
-
-    def __init__(self, module: LightningModule, name: str, num_classes: int):
-        self.keys = {k: f"{name}_top{k}" for k in (1, 5)}
-        for k, attr in self.keys.items():
-            module.add_module(attr, MulticlassAccuracy(num_classes, top_k=min(k, num_classes), average="micro"))
-        self.module = module
-
-    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
-        for attr in self.keys.values():
-            getattr(self.module, attr).update(probs, target)
-
-    def compute_and_reset(self) -> dict[int, float]:
-        out = {}
-        for k, attr in self.keys.items():
-            metric = getattr(self.module, attr)
-            out[k] = 100.0 * float(metric.compute())  # every rank computes: the states are all-reduced
-            metric.reset()
-        return out
+    return MetricCollection({f"top{k}": MulticlassAccuracy(num_classes, top_k=min(k, num_classes), average="micro")
+                             for k in (1, 5)}, compute_groups=False)
 
 
 class WarpAlexNetModule(LightningModule):
@@ -118,8 +102,7 @@ class WarpAlexNetModule(LightningModule):
             self.warp = GeneratorWarp.from_bank(gbank, warp_layer, generators, p=warp_p, backward=warp_backward,
                                                 inverse=warp_inverse, seed=warp_seed)
             attach(self.net, warp_layer, self.warp)
-        self.val_acc, self.test_acc = TopK(self, "val", num_classes), TopK(self, "test", num_classes)
-        self.test_acc10 = TopK(self, "test10", num_classes)
+        self.val_acc, self.test_acc, self.test_acc10 = (topk_accuracy(num_classes) for _ in range(3))
         self.val_skipped, self.test_skipped = SumMetric(), SumMetric()
 
     def _load_network(self, path: str) -> None:
@@ -172,7 +155,8 @@ class WarpAlexNetModule(LightningModule):
         return loss
 
     # ---------------------------------------------------------------- evaluation
-    def _evaluate(self, batch: dict, stage: str, acc: TopK, skipped: SumMetric, acc10: Optional[TopK] = None) -> None:
+    def _evaluate(self, batch: dict, stage: str, acc: MetricCollection, skipped: SumMetric,
+                  acc10: Optional[MetricCollection] = None) -> None:
         skipped.update(torch.tensor(float((~batch["valid"]).sum()), device=self.device))
         b = self._valid(batch)
         n = b["image"].shape[0]
@@ -188,13 +172,17 @@ class WarpAlexNetModule(LightningModule):
         self.log(f"{stage}/loss", F.nll_loss(centre.clamp_min(1e-12).log(), b["target"]), batch_size=n)
         acc.update(centre, b["target"])
 
-    def _log_epoch(self, stage: str, acc: TopK, skipped: SumMetric, acc10: Optional[TopK] = None) -> None:
-        for k, v in acc.compute_and_reset().items():
-            self.log(f"{stage}/top{k}", v, prog_bar=k == 1)
+    def _log_epoch(self, stage: str, acc: MetricCollection, skipped: SumMetric,
+                   acc10: Optional[MetricCollection] = None) -> None:
+        # Every rank computes (the states are all-reduced); percent, as Table 1.
+        for name, v in acc.compute().items():
+            self.log(f"{stage}/{name}", 100.0 * v, prog_bar=name == "top1")
+        acc.reset()
         dm = getattr(self.trainer, "datamodule", None)
         if acc10 is not None and getattr(dm, "test_views", 10) > 1:  # decided by the data's config: same on all ranks
-            for k, v in acc10.compute_and_reset().items():
-                self.log(f"{stage}/top{k}_10view", v)
+            for name, v in acc10.compute().items():
+                self.log(f"{stage}/{name}_10view", 100.0 * v)
+            acc10.reset()
         if self.trainer.is_global_zero and hasattr(dm, "skipped_count"):
             skipped.update(torch.tensor(float(dm.skipped_count(stage)), device=self.device))  # left out at reading
         self.log(f"{stage}/skipped", skipped.compute())
