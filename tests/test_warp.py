@@ -181,7 +181,7 @@ def run(rank, port, out):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    mp.spawn(run, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2)
+    mp.start_processes(run, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2, start_method="fork")
 '''
 
 
