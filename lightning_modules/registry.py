@@ -69,6 +69,14 @@ MODELS: dict[str, Preset] = {
         ),
         monitor="val/map_caption",
     ),
+    "warp_alexnet": Preset(
+        "warp_alexnet",
+        links=(
+            ("data.num_classes", "model.init_args.num_classes"),
+            ("data.crop_size", "model.init_args.image_size"),
+        ),
+        monitor="val/top1",
+    ),
 }
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from topdown.generators import (ConvFeatures, FlowLayout, GeneratorBank, GeneratorModel, GeneratorWarp, PCAStats,
+from topdown.generators import (ConvFeatures, FlowLayout, GeneratorBank, GeneratorModel, PCAStats,
                                 RegressionStats, WarpErrorStats, basis_matrix, evaluate_bank, invert_flow,
                                 normalized_amount, warp_features)
 
@@ -182,23 +182,6 @@ def test_exact_inverse_beats_negation_on_smooth_field():
     # ψ(y) = y + d(y) satisfies ψ(y) + V(ψ(y)) = y.
     ru, rv = field(xs + disp[0], ys + disp[1])
     assert (xs + disp[0] + ru - xs)[6:-6, 6:-6].abs().max() < 0.05
-
-
-def test_generator_warp_module():
-    flow = torch.zeros(2, 6, 6)
-    flow[0] = 1.0
-    mod = GeneratorWarp(flow, p=1.0)
-    x = torch.rand(3, 2, 6, 6, requires_grad=True)
-    assert mod.eval()(x) is x  # identity at evaluation
-    y = mod.train()(x)
-    assert torch.allclose(y, warp_features(x, flow))
-    y.sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
-    big = mod(torch.rand(1, 2, 12, 12))  # flow resized, u doubled: a 2-pixel shift
-    assert big.shape == (1, 2, 12, 12)
-    assert torch.allclose(mod._flows_for(12, 12)[0, 0], torch.full((12, 12), 2.0))
-    bank = _tiny_bank()
-    assert GeneratorWarp.from_bank(bank, "conv5", [("rotation", 10), ("scale", 1.3)]).flows.shape == (2, 2, 3, 3)
 
 
 def test_evaluate_bank_reports_generator_below_no_warp():

@@ -55,7 +55,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 PAPER_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -66,7 +65,6 @@ AMOUNT_UNITS: dict[str, tuple[str, float]] = {
     "translation_x": ("linear", 10.0),
     "translation_y": ("linear", 10.0),
 }
-INVERSES = ("negate", "exact", None)
 BANK_FORMAT = "topdown.generator_bank"
 BANK_VERSION = 1
 
@@ -568,134 +566,8 @@ class GeneratorBank:
 
 # --------------------------------------------------------------------------------------------------- warping
 
-
-def _base_grid(h: int, w: int, device, dtype) -> torch.Tensor:
-    ys = torch.arange(h, device=device, dtype=dtype)
-    xs = torch.arange(w, device=device, dtype=dtype)
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack((gx, gy))  # [2, H, W] pixel coordinates (x, y)
-
-
-def sample_at(features: torch.Tensor, displacement: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
-    """``out[y] = features[y + displacement(y)]`` by bilinear sampling (pixel units, differentiable)."""
-    b, _, h, w = features.shape
-    disp = displacement if displacement.dim() == 4 else displacement[None]
-    disp = disp.to(features.dtype).expand(b, 2, h, w)
-    pos = _base_grid(h, w, features.device, features.dtype)[None] + disp
-    # align_corners=False: pixel i's centre is at normalised (2i + 1)/W - 1.
-    grid = torch.stack(((2 * pos[:, 0] + 1) / w - 1, (2 * pos[:, 1] + 1) / h - 1), dim=-1)
-    return F.grid_sample(features, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
-
-
-def invert_flow(flow: torch.Tensor, iters: int = 30) -> torch.Tensor:
-    """Displacement ``d`` with ``ψ(y) = y + d(y)`` inverting ``φ(x) = x + flow(x)``.
-
-    Fixed-point iteration ``d ← -flow(y + d)`` from ``d = -flow(y)`` (the
-    paper's negation, Fig. A2); it converges where the field's Jacobian has
-    norm below one. Border values of ``flow`` are extended outside the map.
-    """
-    f = flow if flow.dim() == 4 else flow[None]
-    d = -f
-    for _ in range(iters):
-        d = -sample_at(f, d, padding_mode="border")
-    return d if flow.dim() == 4 else d[0]
-
-
-def _warp_one(features: torch.Tensor, flow: torch.Tensor, inverse: str | None, padding_mode: str,
-              iters: int) -> torch.Tensor:
-    if features.dim() != 4:
-        raise ValueError(f"features must be [B, C, H, W], got {tuple(features.shape)}")
-    if tuple(flow.shape[-2:]) != tuple(features.shape[-2:]) or flow.shape[-3] != 2:
-        raise ValueError(f"flow {tuple(flow.shape)} does not fit features {tuple(features.shape)}: need [.., 2, H, W]")
-    flow = flow.to(device=features.device, dtype=features.dtype)
-    if inverse is None:
-        disp = flow
-    elif inverse == "negate":
-        disp = -flow
-    else:
-        disp = invert_flow(flow, iters)
-    return sample_at(features, disp, padding_mode)
-
-
-def warp_features(features, flow, inverse: str | None = "negate", padding_mode: str = "zeros", iters: int = 30):
-    """Apply a flow (a generator, §3.1) to feature maps; differentiable in both.
-
-    ``features`` and ``flow`` are tensors (``[B, C, H, W]`` and ``[2, H, W]`` or
-    ``[B, 2, H, W]``) or dicts by layer name (every layer of ``features`` needs
-    a flow; the flow is in that layer's pixel units).
-
-    With a flow ``V`` from ``F1`` to ``F2`` (``F2(x + V(x)) ≈ F1(x)``):
-
-    * ``inverse="negate"`` (default): ``out(y) = F(y - V(y))``, the paper's
-      approximate inverse of the displacement. ``warp_features(F[t], G[Δ])``
-      approximates ``F[t + Δ]``; applying ``-G[Δ]`` next approximately undoes it (Fig. A2).
-    * ``inverse="exact"``: ``out(y) = F(ψ(y))`` with ``ψ`` the inverse of
-      ``x ↦ x + V(x)`` (:func:`invert_flow`): exact for smooth, non-folding fields.
-    * ``inverse=None``: ``out(x) = F(x + V(x))``, the pull-back: maps ``F2`` onto ``F1``'s frame.
-
-    Positions outside the map read ``padding_mode`` (``"zeros"``: features
-    beyond the border are unknown).
-    """
-    if inverse not in INVERSES:
-        raise ValueError(f"unknown inverse {inverse!r}; choose from {INVERSES}")
-    if isinstance(features, Mapping):
-        if not isinstance(flow, Mapping):
-            raise TypeError("features is a dict by layer, so flow must be a dict by layer too")
-        missing = [n for n in features if n not in flow]
-        if missing:
-            raise KeyError(f"no flow for layer(s) {missing}; flows given for {sorted(flow)}")
-        return {n: _warp_one(f, flow[n], inverse, padding_mode, iters) for n, f in features.items()}
-    return _warp_one(features, flow, inverse, padding_mode, iters)
-
-
-class GeneratorWarp(nn.Module):
-    """Network-internal augmentation by generators (§3.3, Fig. 5): warp a layer's output.
-
-    In training mode each sample is, with probability ``p``, warped by one
-    generator drawn uniformly from ``flows`` [G, 2, H, W]; in eval mode the
-    module is the identity. A flow learned at another map size is resized
-    bilinearly and its (u, v) rescaled by the size ratio.
-    """
-
-    def __init__(self, flows: torch.Tensor, p: float = 0.5, inverse: str | None = "negate",
-                 padding_mode: str = "zeros"):
-        super().__init__()
-        flows = torch.as_tensor(flows, dtype=torch.float32)
-        if flows.dim() == 3:
-            flows = flows[None]
-        if flows.dim() != 4 or flows.shape[1] != 2:
-            raise ValueError(f"GeneratorWarp needs flows [G, 2, H, W], got {tuple(flows.shape)}")
-        if not 0 <= p <= 1:
-            raise ValueError(f"GeneratorWarp: p must be in [0, 1], got {p}")
-        if inverse not in INVERSES:
-            raise ValueError(f"unknown inverse {inverse!r}; choose from {INVERSES}")
-        self.register_buffer("flows", flows)
-        self.p, self.inverse, self.padding_mode = p, inverse, padding_mode
-
-    @classmethod
-    def from_bank(cls, bank: GeneratorBank, layer: str, generators: Sequence[tuple[str, float]], **kwargs
-                  ) -> "GeneratorWarp":
-        """Generators ``[(kind, amount), ...]`` of ``bank`` at ``layer`` (a paper name such as ``conv5``)."""
-        if layer not in bank.layout.names:
-            raise KeyError(f"layer {layer!r} not in the bank; it holds {bank.layout.names}")
-        return cls(torch.stack([bank.generator(k, a)[layer] for k, a in generators]), **kwargs)
-
-    def _flows_for(self, h: int, w: int) -> torch.Tensor:
-        f = self.flows
-        if tuple(f.shape[-2:]) == (h, w):
-            return f
-        fh, fw = f.shape[-2:]
-        f = F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
-        return f * torch.tensor([w / fw, h / fh], dtype=f.dtype, device=f.device)[None, :, None, None]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        b = x.shape[0]
-        flows = self._flows_for(*x.shape[-2:])
-        pick = torch.randint(flows.shape[0], (b,), device=x.device)
-        keep = (torch.rand(b, device=x.device) < self.p).to(flows.dtype)[:, None, None, None]
-        return _warp_one(x, flows[pick] * keep, self.inverse, self.padding_mode, iters=30)
+# Applying flows and generator training (§3.3) live in topdown/warp.py; re-exported for existing callers.
+from topdown.warp import INVERSES, GeneratorWarp, invert_flow, sample_at, warp_features  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------------------------------- features
