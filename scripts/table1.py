@@ -294,8 +294,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hierarchy", default=None, help="hierarchy CSV for --sun397 (default SUN397/hierarchy.csv)")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--first-run", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=12,
-                   help="epochs of the warm start's trunk (of every model without --warm-start)")
+    p.add_argument("--epochs", type=int, default=10,
+                   help="epochs of the warm start's trunk (of every model without --warm-start); with the default "
+                        "--finetune-epochs every model of a run has 10 + 2 epochs")
     p.add_argument("--finetune-epochs", "--pl-epochs", dest="finetune_epochs", type=int, default=2,
                    help="epochs of Baseline, Bsln + PL and SINN + PL fine-tuned from the trunk (--warm-start)")
     p.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=None,
@@ -310,12 +311,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backbone", default=None, help="torchvision model name (default: the preset's AlexNet)")
     p.add_argument("--weights", default=None, help="pretrained weights file, e.g. a Places365 AlexNet")
     p.add_argument("--fp-steps", type=int, default=10, help="largest number of iterations T tried (per pivot for LF)")
-    p.add_argument("--fp-lr-grid", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3],
-                   help="update rates λ tried on val")
+    p.add_argument("--fp-lr-grid", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2],
+                   help="update rates λ tried on val (SGD's; Adam's useful rates on scenes are about 1e-4)")
     p.add_argument("--fp-extend", type=int, default=3,
                    help="times the λ grid may be extended beyond an edge that val picks (0: never)")
-    p.add_argument("--fp-optimizer", choices=("sgd", "momentum", "adam", "adagrad"), default="adam",
-                   help="update rule of the pivots (Algorithm 1 line 7 is plain SGD; the paper allows the others)")
+    p.add_argument("--fp-optimizer", choices=("sgd", "momentum", "adam", "adagrad"), default="sgd",
+                   help="update rule of the pivots: Algorithm 1 line 7's plain SGD (the paper allows momentum, "
+                        "AdaGrad, Adam; docs/HIERARCHICAL.md: Adam gains far less here)")
     p.add_argument("--fp-layers", nargs="+", default=None,
                    help="pivots (default: the model's feedback_layers, AlexNet conv2-conv5 as in §4.2)")
     p.add_argument("--fp-select", choices=("mc_acc", "map"), default="mc_acc", help="val figure that picks (λ, T)")

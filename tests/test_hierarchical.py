@@ -269,22 +269,38 @@ MOBILENET_PIVOTS = ["trunk.features.3", "trunk.features.6"]
 
 @pytest.mark.slow
 def test_table1_script_runs_all_rows_and_records_the_choice(tiny_sun_scenes, tmp_path):
+    """Equal budgets (a trunk, then every row's model fine-tuned from it), Bsln + cond from the
+    Baseline's own test pass, the λ grid extended on val beyond the edge it picks (a two-value
+    grid has no inside, so it always extends), and paired differences equal to the per-run rows."""
     import csv
 
     table1 = load_table1()
     out = tmp_path / "table1"
     table = table1.main([
         "--root", str(tiny_sun_scenes), "--num-images", str(TINY["num_images"]), "--size", str(TINY["size"]),
-        "--runs", "1", "--epochs", "1", "--pl-epochs", "1", "--fp-lr-grid", "1e-3", "1e-2", "--fp-steps", "1",
-        "--backbone", "mobilenet_v3_small", "--batch-size", "16", "--out", str(out), "--",
+        "--runs", "1", "--epochs", "1", "--finetune-epochs", "1", "--fp-lr-grid", "1e-3", "1e-2", "--fp-steps", "1",
+        "--fp-extend", "1", "--backbone", "mobilenet_v3_small", "--batch-size", "16", "--out", str(out), "--",
         "--model.feedback_layers", json.dumps(MOBILENET_PIVOTS), "--trainer.limit_train_batches", "0.2",
         "--trainer.limit_val_batches", "0.5", "--trainer.limit_test_batches", "0.2",
     ])
-    assert [r[0] for r in table] == ["Baseline", "Bsln + PL", "SINN + PL", "Ours (LF)", "Ours (RF)"]
+    assert [r[0] for r in table] == ["Baseline", "Bsln + PL", "SINN + PL", "Bsln + cond", "Ours (LF)", "Ours (RF)"]
     rows = {r["row"]: r for r in csv.DictReader(open(out / "table1_runs.csv"))}
+    assert set(rows) == {"trunk", *(r[0] for r in table)}  # the trunk's stage is recorded, not a row
     for label, most in (("Ours (LF)", 2), ("Ours (RF)", 1)):
-        assert float(rows[label]["fp_lr"]) in (1e-3, 1e-2) and 1 <= int(rows[label]["fp_T"]) <= most
+        grid = json.loads(rows[label]["fp_grid"])
+        assert len(grid) == 3 and {1e-3, 1e-2} < set(grid) and grid in ([3.33e-4, 1e-3, 1e-2], [1e-3, 1e-2, 0.1])
+        assert float(rows[label]["fp_lr"]) in grid and 1 <= int(rows[label]["fp_T"]) <= most
     assert rows["Baseline"]["fp_lr"] == ""
-    assert len(list(csv.DictReader(open(out / "fp_val_grid.csv")))) == 2 * 2 + 2 * 1
+    assert len(list(csv.DictReader(open(out / "fp_val_grid.csv")))) == 3 * 2 + 3 * 1  # the extension ran on val
+    for col in ("mc_acc", "map", "iou_acc"):
+        assert 0.0 <= float(rows["Bsln + cond"][col]) <= 100.0
+    paired = {(r["pair"], r["metric"]): r for r in csv.DictReader(open(out / "table1_paired.csv"))}
+    assert len(paired) == 4 * 3
+    for (a, b) in table1.PAIRS:
+        for name, col in table1.COLUMNS:
+            want = float(rows[a][col]) - float(rows[b][col])
+            assert float(paired[(f"{a} − {b}", name)]["run0"]) == pytest.approx(want, abs=1e-3)
+    text = (out / "table1.txt").read_text()
+    assert "equal budgets" in text and "paired differences" in text and "extended on val" in text
     assert not list(out.glob("*/version_*/checkpoints/*.ckpt"))  # deleted once the run is evaluated
     assert list((out / "wandb").glob("offline-run-*"))  # the tables went to W&B (offline)
