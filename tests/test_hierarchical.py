@@ -286,12 +286,15 @@ def test_table1_script_runs_all_rows_and_records_the_choice(tiny_sun_scenes, tmp
     assert [r[0] for r in table] == ["Baseline", "Bsln + PL", "SINN + PL", "Bsln + cond", "Ours (LF)", "Ours (RF)"]
     rows = {r["row"]: r for r in csv.DictReader(open(out / "table1_runs.csv"))}
     assert set(rows) == {"trunk", *(r[0] for r in table)}  # the trunk's stage is recorded, not a row
+    ran = list(csv.DictReader(open(out / "fp_val_grid.csv")))
     for label, most in (("Ours (LF)", 2), ("Ours (RF)", 1)):
-        grid = json.loads(rows[label]["fp_grid"])
-        assert len(grid) == 3 and {1e-3, 1e-2} < set(grid) and grid in ([3.33e-4, 1e-3, 1e-2], [1e-3, 1e-2, 0.1])
+        grid = json.loads(rows[label]["fp_grid"])  # one λ beyond each edge that val picked (ties: both)
+        assert grid == sorted(grid) and {1e-3, 1e-2} < set(grid) and set(grid) <= {1e-4, 1e-3, 1e-2, 0.1}
         assert float(rows[label]["fp_lr"]) in grid and 1 <= int(rows[label]["fp_T"]) <= most
+        method = "lf" if "LF" in label else "rf"
+        assert sorted({float(r["lr"]) for r in ran if r["method"] == method}) == grid  # the extension ran on val
+        assert len([r for r in ran if r["method"] == method]) == most * len(grid)
     assert rows["Baseline"]["fp_lr"] == ""
-    assert len(list(csv.DictReader(open(out / "fp_val_grid.csv")))) == 3 * 2 + 3 * 1  # the extension ran on val
     for col in ("mc_acc", "map", "iou_acc"):
         assert 0.0 <= float(rows["Bsln + cond"][col]) <= 100.0
     paired = {(r["pair"], r["metric"]): r for r in csv.DictReader(open(out / "table1_paired.csv"))}
@@ -304,3 +307,20 @@ def test_table1_script_runs_all_rows_and_records_the_choice(tiny_sun_scenes, tmp
     assert "equal budgets" in text and "paired differences" in text and "extended on val" in text
     assert not list(out.glob("*/version_*/checkpoints/*.ckpt"))  # deleted once the run is evaluated
     assert list((out / "wandb").glob("offline-run-*"))  # the tables went to W&B (offline)
+
+
+def test_diagnosis_calibration_and_information_by_hand():
+    """scripts/table1_diagnose.py: ECE over confidence bins, and what the coarse label tells (the coarse
+    set is a function of the fine class, so I(fine; coarse) = H(coarse), a two-coarse scene its own set)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "table1_diagnose.py"
+    spec = importlib.util.spec_from_file_location("table1_diagnose", path)
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.3, 0.7], [0.3, 0.7]])
+    # bin 0.9: accuracy 1/2 vs confidence 0.9; bin 0.7: accuracy 1 vs 0.7; each half of the images
+    assert diag.expected_calibration_error(probs, torch.tensor([0, 1, 1, 1])) == pytest.approx(100 * (0.5 * 0.4 + 0.5 * 0.3))
+    f2c = torch.tensor([[1, 0], [1, 0], [0, 1], [1, 1]])
+    h_coarse, h_fine = diag.mutual_information(torch.tensor([0, 1, 2, 3]), f2c)
+    assert (h_coarse, h_fine) == pytest.approx((1.5, 2.0))  # sets (0,) twice, (1,) and (0, 1) once each
