@@ -95,6 +95,10 @@ def read_hierarchy(path, classes: list[str], num_coarse: int = 3) -> dict:
     if missing:
         raise ValueError(f"{path}: no hierarchy row for {len(missing)} categories of ClassName.txt, e.g. {missing[:3]}")
     table = torch.tensor([member[c] for c in classes]) > 0
+    orphans = [c for c, row in zip(classes, table) if not row[:num_coarse].any()]
+    if orphans:  # the known coarse labels of their images would rule every fine category out
+        raise ValueError(f"{path}: {len(orphans)} categories belong to no coarse category "
+                         f"(columns {labels[:num_coarse]}), e.g. {orphans[:3]}")
     return {
         "coarse_names": labels[:num_coarse],
         "general_names": labels[num_coarse:],

@@ -118,6 +118,10 @@ def test_hierarchy_csv_columns_and_multi_membership(tmp_path):
     bad = make_sun(tmp_path / "bad", CLASSES, "category,a,b,c\n'/a/attic',1,0,1\n")
     with pytest.raises(ValueError, match="no hierarchy row.*beach"):
         read_hierarchy(bad / "SUN397" / "hierarchy.csv", list(CLASSES), num_coarse=2)
+    orphan = make_sun(tmp_path / "orphan", CLASSES, "category,a,b,c\n'/a/attic',1,0,1\n'/b/beach',0,0,1\n"
+                      "'/b/bakery/shop',0,1,1\n")
+    with pytest.raises(ValueError, match="1 categories belong to no coarse category.*beach"):
+        read_hierarchy(orphan / "SUN397" / "hierarchy.csv", list(CLASSES), num_coarse=2)
 
 
 def test_split_is_per_category_disjoint_and_seeded_by_run(tmp_path):
