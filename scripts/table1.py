@@ -32,7 +32,8 @@ chosen λ / T and the final λ grid of the LF and RF rows), ``<out>/table1_paire
 differences per run, their mean and std), ``<out>/fp_val_grid.csv`` (val metrics of every λ and
 t), ``<out>/table1.txt`` (the printed table, caption and differences), the evaluation's own files
 under ``<out>/run<r>_fp/``, and logs the tables to W&B (offline unless WANDB_MODE says otherwise)
-under ``<out>/wandb``.
+under ``<out>/wandb``.  ``--combine DIR ...`` trains nothing and prints the table of the runs that earlier
+outputs hold (one sweep split over processes with ``--first-run`` / ``--runs``).
 """
 from __future__ import annotations
 
@@ -246,6 +247,8 @@ def caption(a, raw: list[dict], wall: float, load: tuple[float, float]) -> str:
         budget = f"equal budgets: Baseline, Bsln + PL and SINN + PL each trained {a.epochs} epochs {start}"
     if a.reuse:
         budget += f" (models and their rows reused from {a.reuse})"
+    if a.combine:
+        budget += f" (runs combined from {', '.join(a.combine)}; wall and load below are the combining command's)"
     grids = []
     for method in ("LF", "RF"):
         used = {tuple(r["fp_grid"]) for r in raw if r["row"] == f"Ours ({method})"}
@@ -260,6 +263,36 @@ def caption(a, raw: list[dict], wall: float, load: tuple[float, float]) -> str:
     return (f"Table 1 — {data}, {len(runs)} run(s) at {a.image_size}px; {budget}; Bsln + cond, LF and RF use "
             f"that Baseline. Feedback-prop: {a.fp_optimizer}, {pivots}, {'; '.join(grids)}; {steps}; (λ, T) chosen "
             f"on val by {a.fp_select}. Wall {wall / 60:.1f} min, load {load[0]:.1f} at start, {load[1]:.1f} at end.")
+
+
+def combined_rows(dirs: list[str]) -> tuple[list[dict], list[dict]]:
+    """The per-run rows (``table1_runs.csv``) and val grids of earlier outputs, e.g. runs of one sweep
+    split over processes with ``--first-run``; a run found in two of them is an error naming both."""
+    import csv
+
+    raw, grid, seen = [], [], {}
+    for d in map(Path, dirs):
+        table = d / "table1_runs.csv"
+        if not table.is_file():
+            raise FileNotFoundError(f"--combine {d}: no table1_runs.csv (the output folder of scripts/table1.py)")
+        with open(table) as f:
+            rows = list(csv.DictReader(f))
+        for run in sorted({int(r["run"]) for r in rows}):
+            if run in seen:
+                raise ValueError(f"--combine: run {run} is in both {seen[run]} and {d}")
+            seen[run] = d
+        for r in rows:
+            row = {"run": int(r["run"]), "row": r["row"], **{k: float(r[k]) for _, k in COLUMNS},
+                   "seconds": float(r["seconds"] or 0.0)}
+            if r.get("fp_lr"):
+                row.update(fp_lr=float(r["fp_lr"]), fp_T=int(r["fp_T"]), fp_grid=json.loads(r["fp_grid"]),
+                           val_mc_acc=float(r["val_mc_acc"]), val_map=float(r["val_map"]))
+            raw.append(row)
+        if (d / "fp_val_grid.csv").is_file():
+            with open(d / "fp_val_grid.csv") as f:
+                grid += list(csv.DictReader(f))
+    raw.sort(key=lambda r: r["run"])  # stable: each run keeps its rows' order
+    return raw, grid
 
 
 def reused_rows(a) -> dict[int, dict]:
@@ -329,6 +362,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reuse", default=None, metavar="DIR",
                    help="take the trained models and their rows from an earlier --keep-checkpoints output DIR and "
                         "compute only the LF / RF rows again (other --fp-* flags: ablations on the same Baselines)")
+    p.add_argument("--combine", nargs="+", default=None, metavar="DIR",
+                   help="train nothing: the table and paired differences of the runs that earlier outputs DIR hold "
+                        "(a sweep split over processes with --first-run / --runs); its flags must match theirs")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 is several times faster than 2 when the cores are shared (spin-waits)")
     p.add_argument("extra", nargs="*", help="more train.py flags after --, e.g. -- --trainer.limit_train_batches=2")
@@ -339,6 +375,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--fp-extend must be >= 0")
     if any(not (lr > 0) for lr in a.fp_lr_grid):
         p.error(f"--fp-lr-grid: update rates must be > 0, got {a.fp_lr_grid}")
+    if a.combine and a.reuse:
+        p.error("--combine and --reuse: choose one")
     if a.warm_start is None:
         a.warm_start = a.weights is None
     return a
@@ -368,6 +406,7 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
               + f"{chosen} ({seconds:.0f}s)", flush=True)
 
     reused = reused_rows(a) if a.reuse else {}
+
     def fp_rows(run: int, ckpt: str) -> None:
         t = time.perf_counter()
         chosen, grid, grids = feedback_rows(a, out, run, ckpt)
@@ -379,7 +418,11 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
                 fp_T=c["iteration"], fp_grid=grids[method], val_mc_acc=round(c["val_mc_acc"], 4),
                 val_map=round(c["val_map"], 4))
 
-    for run in range(a.first_run, a.first_run + a.runs):
+    if a.combine:
+        raw, val_grid = combined_rows(a.combine)
+        table, diffs = summarize(raw), paired(raw)
+        write_csvs(out, table, raw, val_grid, diffs)
+    for run in range(a.first_run, a.first_run + a.runs) if not a.combine else ():
         if a.reuse:  # the trained models of an earlier run: only the feedback-prop rows are computed again
             for r in reused[run]["rows"]:
                 add(run, r["row"], {k: float(r[k]) for _, k in COLUMNS}, float(r["seconds"] or 0.0))

@@ -328,3 +328,40 @@ def test_diagnosis_calibration_and_information_by_hand():
     f2c = torch.tensor([[1, 0], [1, 0], [0, 1], [1, 1]])
     h_coarse, h_fine = diag.mutual_information(torch.tensor([0, 1, 2, 3]), f2c)
     assert (h_coarse, h_fine) == pytest.approx((1.5, 2.0))  # sets (0,) twice, (1,) and (0, 1) once each
+
+
+def test_table1_combines_runs_and_pairs_them_run_by_run(tmp_path):
+    """--combine: the runs of two outputs (a sweep split over processes) make one table; each paired
+    difference is the mean of the per-run differences of the table's own rows."""
+    import csv
+
+    table1 = load_table1()
+    values = {  # run -> row -> MC Acc (mAP and IoU Acc: MC Acc + 10, + 20)
+        0: {"Baseline": 50.0, "Bsln + PL": 60.0, "SINN + PL": 55.0, "Bsln + cond": 62.0, "Ours (LF)": 61.0, "Ours (RF)": 64.0},
+        3: {"Baseline": 40.0, "Bsln + PL": 45.0, "SINN + PL": 41.0, "Bsln + cond": 47.0, "Ours (LF)": 49.0, "Ours (RF)": 46.0},
+    }
+    for run, rows in values.items():
+        d = tmp_path / f"part{run}"
+        d.mkdir()
+        with open(d / "table1_runs.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, table1.RUN_FIELDS)
+            w.writeheader()
+            for row, v in rows.items():
+                fp = {"fp_lr": 0.01, "fp_T": 7, "fp_grid": "[0.003, 0.01, 0.03]", "val_mc_acc": 1.0, "val_map": 2.0} \
+                    if row.startswith("Ours") else {}
+                w.writerow({"run": run, "row": row, "mc_acc": v, "map": v + 10, "iou_acc": v + 20, "seconds": 1.0, **fp})
+    out = tmp_path / "all"
+    table = table1.main(["--combine", str(tmp_path / "part0"), str(tmp_path / "part3"), "--out", str(out), "--no-wandb"])
+    assert [r[0] for r in table] == ["Baseline", "Bsln + PL", "SINN + PL", "Bsln + cond", "Ours (LF)", "Ours (RF)"]
+    assert table[0][1] == "45.00±7.07"  # mean ± sample std of 50 and 40
+    paired = {(r["pair"], r["metric"]): r for r in csv.DictReader(open(out / "table1_paired.csv"))}
+    for a, b in table1.PAIRS:
+        d = [values[r][a] - values[r][b] for r in (0, 3)]
+        for metric in ("MC Acc", "mAP", "IoU Acc"):
+            got = paired[(f"{a} − {b}", metric)]
+            assert [float(got["run0"]), float(got["run3"])] == pytest.approx(d)
+            assert float(got["mean"]) == pytest.approx(sum(d) / 2)
+            assert float(got["std"]) == pytest.approx(abs(d[0] - d[1]) / math.sqrt(2), abs=1e-4)  # CSV: 4 decimals
+    assert "LF − Bsln + cond" in (out / "table1.txt").read_text()
+    with pytest.raises(ValueError, match="run 0 is in both"):
+        table1.main(["--combine", str(tmp_path / "part0"), str(tmp_path / "part0"), "--out", str(out), "--no-wandb"])
