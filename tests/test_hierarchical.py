@@ -362,6 +362,6 @@ def test_table1_combines_runs_and_pairs_them_run_by_run(tmp_path):
             assert [float(got["run0"]), float(got["run3"])] == pytest.approx(d)
             assert float(got["mean"]) == pytest.approx(sum(d) / 2)
             assert float(got["std"]) == pytest.approx(abs(d[0] - d[1]) / math.sqrt(2), abs=1e-4)  # CSV: 4 decimals
-    assert "LF − Bsln + cond" in (out / "table1.txt").read_text()
+    assert "Ours (LF) − Bsln + cond" in (out / "table1.txt").read_text()
     with pytest.raises(ValueError, match="run 0 is in both"):
         table1.main(["--combine", str(tmp_path / "part0"), str(tmp_path / "part0"), "--out", str(out), "--no-wandb"])
