@@ -93,9 +93,21 @@ def main(args: list[str] | None = None):
     if protocol is None:
         cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
     else:
-        cli.feedback = PROTOCOL_RUNNERS[protocol](cli, fb)
+        cli.feedback = protocol_runners(cli.preset)[protocol](cli, fb)
     close_run(cli)
     return cli
+
+
+def protocol_runners(preset) -> dict:
+    """A model's own feedback-prop protocols (registry ``extra["feedback_protocols"]``, "module:NAME"),
+    else the multi-label ones."""
+    spec = preset.extra.get("feedback_protocols")
+    if not spec:
+        return PROTOCOL_RUNNERS
+    import importlib
+
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 if __name__ == "__main__":
