@@ -6,7 +6,9 @@ docs/DESIGN.md):
 
 * COCO-2014 (feedback-prop §4.1-4.2): ``annotations/captions_*2014.json`` with
   five captions per image, ``annotations/instances_*2014.json`` with boxes of
-  30 object categories, and JPEGs named ``COCO_{train,val}2014_%012d.jpg``.
+  30 object categories, and JPEGs named ``COCO_{train,val}2014_%012d.jpg``;
+  ``annotations/dataset_coco.json``, Karpathy's split file of the same captions (the
+  captioning view, feedback-prop §4.4; :func:`write_karpathy_split`).
 * SUN397 (feedback-prop §4.3, hierarchical scene recognition): the same
   images in ``SUN397/<letter>/<category>/``, ``ClassName.txt`` and a
   three-level ``hierarchy.csv`` (coarse, general, fine).
