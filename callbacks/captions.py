@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from callbacks.feedback import FeedbackSetting, log_wandb, table, wandb_loggers
-from topdown.captions import METRICS, gather_rows, score_caption_sets, start_meteor, write_coco_results
+from topdown.captions import (METRICS, gather_rows, mention_scores, score_caption_sets, start_meteor,
+                               write_coco_results)
 from topdown.evidence import best_iteration, fmt, plot_iterations, text_table, write_csv
 from topdown.feedback import feedback_prop, multilabel_known_loss
 from topdown.layers import paper_layer_names, resolve_layers
@@ -213,6 +214,11 @@ class CaptionFeedbackCallback(Callback):
                 keys.append((s, t))
         scores = dict(zip(keys, score_caption_sets(refs, sets, self.metrics))) if refs else {}
         captions = dict(zip(keys, sets))
+        names = getattr(dm, "object_names", None)
+        if names and refs:  # which objects the captions name, against the known labels
+            labels = dm.split_labels(split)[index0.cpu().numpy()]
+            for key, cands in captions.items():
+                scores[key].update(mention_scores([cands[int(i)] for i in ids], labels, names))
         records, summary = [], []
         for s, setting in enumerate(self.settings):
             loss = gathered[s][2]
@@ -228,6 +234,8 @@ class CaptionFeedbackCallback(Callback):
             summary.append({**{k: final[k] for k in ("split", "setting", "method", "layers", "lr", "steps")},
                             **{m: final.get(m) for m in self.metrics},
                             **{f"{m}_nofp": nofp.get(m) for m in self.metrics},
+                            **{f"{m}{sfx}": row.get(m) for m in ("mention_precision", "mention_recall")
+                               for sfx, row in (("", final), ("_nofp", nofp)) if m in row},
                             "object_loss_nofp": nofp["object_loss"], "object_loss": final["object_loss"]})
         examples = []
         if self.num_examples and len(ids):
@@ -345,9 +353,11 @@ class _CaptionProtocol:
     def metric_table(self, cb: CaptionFeedbackCallback, title: str, extra: Optional[dict] = None) -> tuple[str, list]:
         """Table 6's layout: rows no-fp and the settings, columns BLEU-4, METEOR, ROUGE-L, CIDEr."""
         first = cb.summary[0]
-        rows = [{"row": "no-fp", **{m: first[f"{m}_nofp"] for m in TABLE6_COLUMNS}}]
+        diag = [k for k in ("mention_precision", "mention_recall") if k in first]  # in the CSV, not the table
+        rows = [{"row": "no-fp", **{m: first[f"{m}_nofp"] for m in TABLE6_COLUMNS + tuple(diag)}}]
         for r in cb.summary:
-            rows.append({"row": r["setting"], **{m: r[m] for m in TABLE6_COLUMNS}, **(extra or {}).get(r["setting"], {})})
+            rows.append({"row": r["setting"], **{m: r[m] for m in TABLE6_COLUMNS + tuple(diag)},
+                         **(extra or {}).get(r["setting"], {})})
         cells = [[r["row"], fmt(r["BLEU-4"]), fmt(r["METEOR"]), f"{r['ROUGE-L']:.4f}", f"{r['CIDEr']:.4f}"]
                  for r in rows]
         return text_table(["", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"], cells, title), rows

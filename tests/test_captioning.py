@@ -107,8 +107,11 @@ def test_evaluate_table6_protocol(captioning_run, tiny_scenes, tmp_path):
         assert (run_dir / name).is_file(), name
     examples = json.loads((run_dir / "fp_select_examples.json").read_text())
     assert len(examples) == 6 and {"no-fp", "references", "objects"} <= set(examples[0])
-    wandb_run = next((run_dir / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
-    assert b"fp/select_examples" in wandb_run and b"fp/select_table" in wandb_run
+    media = next((run_dir / "wandb").glob("offline-run-*/files/media/table/fp"))  # written when logged
+    table = json.loads(next(media.glob("select_examples_*.table.json")).read_text())
+    assert table["columns"][:2] == ["image", "image_id"] and len(table["data"]) == 6
+    assert table["data"][0][table["columns"].index("no-fp")] == examples[0]["no-fp"]
+    assert list(media.glob("select_table_*.table.json"))
 
 
 def test_caption_protocol_rejects_multilabel_only_flags(captioning_run, tiny_scenes, tmp_path):

@@ -319,6 +319,47 @@ def write_coco_results(path: str | Path, candidates: Mapping[int, str]) -> Path:
 
 
 # ---------------------------------------------------------------------------------------
+# Object mentions: which known objects a caption names (a diagnostic of §4.4's evidence)
+# ---------------------------------------------------------------------------------------
+
+def object_mentions(caption: str, names: Sequence[str]) -> set[int]:
+    """Indices of the categories ``names`` that ``caption`` names, singular or plural.
+
+    A category is mentioned when its name's words appear consecutively, the last one compared
+    by its WordNet noun lemma (``women`` -> ``woman``, ``dining tables`` -> ``dining table``).
+    Synonyms (``lady``, ``kid``) do not count: the figures are a lower bound of the mentions.
+    """
+    from topdown.text import lemmatize
+
+    words = tokenize(caption)
+    lemmas = [lemmatize(w) for w in words]
+    found = set()
+    for j, name in enumerate(names):
+        parts = tokenize(name)
+        n = len(parts)
+        for i in range(len(words) - n + 1):
+            if words[i:i + n - 1] == parts[:-1] and parts[-1] in (words[i + n - 1], lemmas[i + n - 1]):
+                found.add(j)
+                break
+    return found
+
+
+def mention_scores(captions: Sequence[str], labels: np.ndarray, names: Sequence[str]) -> dict[str, float]:
+    """Micro precision of the object mentions of ``captions`` against the true labels ``[N, K]``
+    (the share of named objects that are in the image; 1 - CHAIR_i of Rohrbach et al. 2018), and
+    their recall (the share of present objects that are named)."""
+    hit = named = present = 0
+    for caption, row in zip(captions, labels):
+        mentioned = object_mentions(caption, names)
+        true = set(np.flatnonzero(row).tolist())
+        hit += len(mentioned & true)
+        named += len(mentioned)
+        present += len(true)
+    return {"mention_precision": hit / named if named else float("nan"),
+            "mention_recall": hit / present if present else float("nan")}
+
+
+# ---------------------------------------------------------------------------------------
 # DDP: rows of every rank, each sample once
 # ---------------------------------------------------------------------------------------
 
