@@ -32,6 +32,10 @@ half of the labels), ``--feedback.split`` (test or val, for single/sweep/layers)
 Each protocol prints its table and writes ``fp_<protocol>_*.csv``, ``*.png`` and
 ``fp_<protocol>_table.txt`` to the run folder, and logs the same to W&B.
 The Trainer is built with ``inference_mode=False`` when feedback-prop is asked for.
+
+A model may bring its own protocols under the same flags (registry ``extra["feedback_protocols"]``):
+``--model captioning`` runs feedback-prop on captions with the object labels known, ``select``
+being Table 6 (docs/CAPTIONING.md).
 """
 from __future__ import annotations
 
