@@ -41,7 +41,7 @@ $(NLTK_STAMP): scripts/setup_nltk.sh
 	bash scripts/setup_nltk.sh .nltk_data
 
 data: $(DATA)/scenes.json
-$(DATA)/scenes.json: datamodules/scenes.py | $(STAMP)
+$(DATA)/scenes.json: datamodules/scenes.py datamodules/scenes_news.py | $(STAMP)
 	$(PY) -m datamodules.scenes --root $(DATA) --num-images $(DEMO_IMAGES) --size $(DEMO_SIZE)
 
 clean:

@@ -19,15 +19,22 @@ given, else the plain test stage):
   mean ± std over ``--feedback.draws`` draws, one line per method and pivot
   (``--feedback.candidates`` pivots one at a time, else ``--feedback.layers``).
 * ``layers`` — §5, Tables 3-5: LF and RF at each candidate pivot (default the paper's
-  layers for the backbone), all complement labels known, rows ``no-fp``, ``fp-input``, ...
+  layers for the backbone), all complement labels known, rows ``no-fp``, ``fp-input``, ...;
+  λ and T of each cell chosen on val, the test figure reported.
 * ``select`` — §4.1: choose the update rate (``--feedback.lr_grid``) and the number of
   iterations T (≤ ``--feedback.steps``) on the validation split, then apply them on test.
+
+A hierarchical scene model (``--model hierarchical``, Table 1) is evaluated with its true
+coarse categories as the known evidence (``single`` and ``select``; pivots default to the
+model's ``feedback_layers``).
 
 Other flags: ``--feedback.optimizer`` (adam), ``--feedback.weight_decay`` (1e-4, as the
 reference code), ``--feedback.unknown_file`` (the fixed unknown labels: reused when it
 exists, else drawn with ``--feedback.seed`` and saved), ``--feedback.num_unknown`` (default
-half of the labels), ``--feedback.split`` (test or val, for single/sweep/layers),
-``--feedback.max_samples`` (images × draws per feedback-prop call).
+half of the labels), ``--feedback.split`` (test or val, for single/sweep),
+``--feedback.select_by`` (the val figures that choose), ``--feedback.iterations``
+(``last`` or ``all``), ``--feedback.max_samples`` (images × draws per feedback-prop call),
+``--feedback.max_state_gb`` (host memory of the metric state).
 
 Each protocol prints its table and writes ``fp_<protocol>_*.csv``, ``*.png`` and
 ``fp_<protocol>_table.txt`` to the run folder, and logs the same to W&B.
@@ -41,6 +48,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
+from callbacks.feedback import DEFAULT_MAX_SAMPLES, DEFAULT_MAX_STATE_GB
 from callbacks.protocols import PROTOCOL_RUNNERS
 from lightning_modules.cli import TopdownCLI, build_cli, close_run
 
@@ -73,8 +81,18 @@ class EvaluateCLI(TopdownCLI):
                             help="known labels (a list for sweep); default: all labels that are not unknown")
         parser.add_argument(g + "draws", type=int, default=5, help="random known-label draws per count")
         parser.add_argument(g + "seed", type=int, default=0, help="seed of the unknown and known draws")
-        parser.add_argument(g + "split", type=Literal["test", "val"], default="test")
-        parser.add_argument(g + "max_samples", type=int, default=256, help="images x draws per feedback-prop call")
+        parser.add_argument(g + "split", type=Optional[Literal["test", "val"]], default=None,
+                            help="split of single/sweep (default test); layers and select choose on val, report test")
+        parser.add_argument(g + "select_by", type=Optional[list[str]], default=None,
+                            help="val figures that choose lr and T, in order (default: map_unknown; "
+                                 "hierarchical: [mc_acc, map])")
+        parser.add_argument(g + "iterations", type=Literal["last", "all"], default="last",
+                            help="keep the scores of the reported iteration only, or of every iteration (curves)")
+        parser.add_argument(g + "max_samples", type=int, default=DEFAULT_MAX_SAMPLES,
+                            help="images x draws per feedback-prop call (device memory: 32 fits ResNet-50/VGG-16 "
+                                 "at 224 px with an early pivot on 12 GB)")
+        parser.add_argument(g + "max_state_gb", type=Optional[float], default=DEFAULT_MAX_STATE_GB,
+                            help="host memory for the metric state; a protocol runs in several passes to stay under it")
 
     def instantiate_trainer(self, **kwargs: Any):
         if protocol_of(self.config_init.get("feedback")) is not None:

@@ -1,143 +1,174 @@
-"""Per-layer accuracy of SIFT Flow on AlexNet features (generators paper §2.1.3).
+"""Per-layer accuracy of SIFT Flow on AlexNet features of `scenes` pairs (generators paper §2.1.3).
 
-An image and its rotated / scaled / translated copy go through torchvision's
-AlexNet (``alexnet(weights=None)``: random weights, nothing is downloaded; the
-one-tower variant, so conv1..conv5 have 64, 192, 384, 256, 256 channels on
-55x55, 27x27, 13x13 grids). For each conv layer (output of its ReLU, scaled
-per pair to [0, 255]) the feature flow is compared with the analytic field of
-the transformation mapped onto the layer's grid.
+Pairs are rendered exactly as the generator pipeline renders them
+(:func:`topdown.transforms.render` about the central object, the object's
+canvas shared by both images, mean fill, 224 px) from the central-object
+originals of the embedded ``scenes`` data; features are the pipeline's
+(:class:`topdown.generators.ConvFeatures`, torchvision AlexNet conv1..conv5
+after ReLU, random weights unless ``--weights``; scaled per pair and layer by
+:func:`topdown.generators.scale_for_flow`), and the flows use the pipeline's
+default SIFT Flow settings. Each flow is compared with the analytic
+displacement of the rendering transform mapped onto the layer's grid.
 
 Grid mapping. Feature (i, j) of a layer sits at the centre of its receptive
-field, image pixel (x, y) = (stride * j + offset, stride * i + offset):
-conv1 (11x11, stride 4, pad 2): stride 4, offset 3; conv2 (after 3x3/2 max
-pool, 5x5 pad 2): stride 8, offset 7; conv3-conv5 (after a second pool, 3x3 pad
-1): stride 16, offset 15. The analytic flow of grid point p is
-(T(p_img) - p_img) / stride in layer pixels; points whose match leaves the
-layer's grid are not scored.
+field, image pixel (stride * j + offset, stride * i + offset): conv1 (11x11,
+stride 4, pad 2): stride 4, offset 3; conv2 (after a 3x3/2 max pool): stride 8,
+offset 7; conv3-conv5 (after a second pool): stride 16, offset 15. Renderings
+rotate / scale about the image centre (pixel 111.5) and translate in output
+pixels, so the analytic flow of grid point p is (T(p) - p) / stride layer
+pixels; points whose match leaves the layer's grid are not scored.
+Random-weight features are not equivariant to rotation or scale, so these
+errors include the features' own mismatch, not just the matcher's.
 
-The image is synthetic (smooth colour noise with a few bright discs on a
-320x320 canvas, warped, then both centre-cropped to 224x224 so no border enters
-the crop). Random-weight features are not equivariant to rotation or scale, so
-these errors include the features' own mismatch, not just the matcher's.
+Per case and layer: EPE (layer px) of the flow, of the solver at ``--baseline``
+(a git revision, e.g. the one before a change) and of the rounded analytic
+flow (the floor for an integer flow), and the SIFT Flow energy
+(:func:`topdown.flows.flow_energy`) of the flow relative to the baseline's and
+to the rounded analytic flow's; all means over the originals.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/flow_accuracy.py
+First, the reference cases (``--reference``, default tests/data/siftflow_reference.npz:
+CNN features of two real photographs with the flows of the original solver,
+Ce Liu's BPFlow driven by SIFTflowc2f, and the true displacement): per case the
+energy ratio to the original's flow, both EPEs, and the share of grid points
+where the two flows are identical.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/flow_accuracy.py --root data/scenes --baseline 35b82b4
 """
 from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-import torchvision
 
-from topdown.flows import sift_flow
+from benchmarks.flows import load_revision
+from datamodules.pairs import TransformPairs, coco_originals
+from topdown.flows import flow_energy, sift_flow
+from topdown.generators import ConvFeatures, scale_for_flow
+from topdown.transforms import canvas_side
 
 # (stride, offset) of each conv layer's grid in input pixels, see module docstring.
 LAYER_GRID = {"conv1": (4, 3), "conv2": (8, 7), "conv3": (16, 15), "conv4": (16, 15),
               "conv5": (16, 15)}
 
-TRANSFORMS = [  # (rotation deg, scale, tx px, ty px)
-    (10.0, 1.0, 0.0, 0.0),
-    (0.0, 1.1, 0.0, 0.0),
-    (0.0, 1.0, 16.0, -8.0),
-    (10.0, 1.1, 8.0, -6.0),
+CASES = [  # (name, kind, amount)
+    ("rotate 10", "rotation", 10.0),
+    ("rotate 30", "rotation", 30.0),
+    ("scale 1.3x", "scale", 1.3),
+    ("scale 0.75x", "scale", 0.75),
+    ("left 16", "translation_x", -16.0),
+    ("down 24", "translation_y", 24.0),
 ]
 
 
-def synthetic_image(size: int = 320, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 3, size // 8, size // 8, generator=g)
-    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32),
-                            torch.arange(size, dtype=torch.float32), indexing="ij")
-    for _ in range(12):
-        cx, cy, r = (torch.rand(3, generator=g) * torch.tensor([size, size, 20]) + torch.tensor([0, 0, 8]))
-        colour = torch.randn(3, 1, 1, generator=g)
-        x = x + colour * (((xs - cx) ** 2 + (ys - cy) ** 2) < r ** 2).float()
-    return (x - x.mean()) / x.std()
-
-
-def similarity(deg: float, scale: float, tx: float, ty: float, centre: float) -> torch.Tensor:
-    """3x3 matrix of T(p) = s R (p - c) + c + t in pixel coordinates."""
-    th = math.radians(deg)
-    a = scale * torch.tensor([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
-    m = torch.eye(3)
-    m[:2, :2] = a
-    m[:2, 2] = torch.tensor([centre, centre]) - a @ torch.tensor([centre, centre]) + torch.tensor([tx, ty])
-    return m
-
-
-def warp(image: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """image2(T(p)) = image(p), bilinear."""
-    size = image.shape[-1]
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32),
-                            torch.arange(size, dtype=torch.float32), indexing="ij")
-    q = torch.stack([xs, ys, torch.ones_like(xs)], -1) @ torch.linalg.inv(m).T
-    grid = q[..., :2] / (size - 1) * 2 - 1
-    return F.grid_sample(image, grid[None], mode="bilinear", padding_mode="border", align_corners=True)
-
-
-def conv_features(net: torch.nn.Module, image: torch.Tensor) -> list[torch.Tensor]:
-    out, h = [], image
-    for m in net.features:
-        h = m(h)
-        if isinstance(m, torch.nn.ReLU):
-            out.append(h)
-    return out
-
-
-def analytic_flow(m_crop: torch.Tensor, stride: int, offset: int, size: int):
-    """Analytic flow on a layer grid (layer px) and the mask of points kept."""
-    idx = torch.arange(size, dtype=torch.float32) * stride + offset
+def analytic_flow(kind: str, amount: float, stride: int, offset: int, size: int, image_size: int = 224):
+    """Displacement from I[identity] to I[amount] on a layer grid (layer px) and the points kept."""
+    idx = torch.arange(size, dtype=torch.float64) * stride + offset
     ys, xs = torch.meshgrid(idx, idx, indexing="ij")
-    p = torch.stack([xs, ys, torch.ones_like(xs)], -1)
-    tp = p @ m_crop.T
-    flow = ((tp[..., :2] - p[..., :2]) / stride).permute(2, 0, 1)
-    lo, hi = offset, stride * (size - 1) + offset
-    inside = (tp[..., 0] >= lo) & (tp[..., 0] <= hi) & (tp[..., 1] >= lo) & (tp[..., 1] <= hi)
+    c = image_size / 2 - 0.5
+    dx, dy = xs - c, ys - c
+    if kind == "rotation":   # counter-clockwise on screen, y down (topdown.transforms)
+        th = math.radians(amount)
+        nx, ny = math.cos(th) * dx + math.sin(th) * dy, -math.sin(th) * dx + math.cos(th) * dy
+    elif kind == "scale":
+        nx, ny = amount * dx, amount * dy
+    elif kind == "translation_x":
+        nx, ny = dx + amount, dy
+    else:
+        nx, ny = dx, dy + amount
+    flow = torch.stack([(nx - dx) / stride, (ny - dy) / stride]).float()
+    lo, hi = offset - c, stride * (size - 1) + offset - c
+    inside = (nx >= lo) & (nx <= hi) & (ny >= lo) & (ny <= hi)
     return flow, inside
 
 
-def evaluate(seed: int = 0) -> list[tuple]:
-    torch.manual_seed(seed)
-    net = torchvision.models.alexnet(weights=None).eval()
-    canvas, crop = 320, 224
-    lo = (canvas - crop) // 2
-    image = synthetic_image(canvas, seed)
-    rows = []
-    for deg, scale, tx, ty in TRANSFORMS:
-        m = similarity(deg, scale, tx, ty, (canvas - 1) / 2)
-        moved = warp(image, m)
-        # Same transformation in crop coordinates: shift by the crop origin.
-        shift = torch.eye(3)
-        shift[:2, 2] = lo
-        m_crop = torch.linalg.inv(shift) @ m @ shift
-        with torch.no_grad():
-            f1s = conv_features(net, image[..., lo:lo + crop, lo:lo + crop])
-            f2s = conv_features(net, moved[..., lo:lo + crop, lo:lo + crop])
-        for (name, (stride, offset)), f1, f2 in zip(LAYER_GRID.items(), f1s, f2s):
-            top = torch.maximum(f1.amax(), f2.amax()).clamp(min=1e-12)
-            flow = sift_flow(f1 / top * 255, f2 / top * 255)[0]
-            truth, inside = analytic_flow(m_crop, stride, offset, f1.shape[-1])
-            err = (flow - truth).norm(dim=0)[inside]
-            floor = (truth.round() - truth).norm(dim=0)[inside]
-            rows.append((f"rot {deg:g} scale {scale:g} t ({tx:g},{ty:g})", name, tuple(f1.shape[1:]),
-                         err.mean().item(), floor.mean().item(),
-                         truth.norm(dim=0)[inside].mean().item(), inside.float().mean().item()))
-    return rows
+def reference_report(path: Path, baseline=None) -> None:
+    """Per-case comparison with the original solver's flows (see the module docstring)."""
+    z = np.load(path)
+    cases = sorted({k.rsplit("_", 1)[0] for k in z.files if k.endswith("_original")})
+    print(f"# reference cases: {path}")
+    print("| case | C x H x W | energy / original | EPE | EPE original | same flow as original |"
+          + (" energy before / original | EPE before |" if baseline else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|" if baseline else ""))
+    ratios = []
+    for name in cases:
+        f1, f2 = (torch.from_numpy(z[f"{name}_{k}"])[None] for k in ("f1", "f2"))
+        original, truth = torch.from_numpy(z[f"{name}_original"])[None], torch.from_numpy(z[f"{name}_gt"])
+        valid = torch.from_numpy(z[f"{name}_valid"])
+        alpha, d, gamma, *rest = z[f"{name}_params"].tolist()
+        args = (alpha, d, gamma, *map(int, rest))
+        flow = sift_flow(f1, f2, *args)
+        e_orig = flow_energy(f1, f2, original, alpha, d, gamma).item()
+        ratios.append(flow_energy(f1, f2, flow, alpha, d, gamma).item() / e_orig)
+
+        def epe(f):
+            return (f[0] - truth).norm(dim=0)[valid].mean().item()
+
+        row = [name, "x".join(map(str, f1.shape[1:])), f"{ratios[-1]:.4f}", f"{epe(flow):.3f}",
+               f"{epe(original):.3f}", f"{(flow == original).all(1).float().mean().item():.1%}"]
+        if baseline is not None:
+            before = baseline(f1, f2, *args)
+            row += [f"{flow_energy(f1, f2, before, alpha, d, gamma).item() / e_orig:.4f}", f"{epe(before):.3f}"]
+        print("| " + " | ".join(row) + " |", flush=True)
+    print(f"# mean energy ratio {sum(ratios) / len(ratios):.4f}, max {max(ratios):.4f}")
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", default="data/scenes")
+    p.add_argument("--split", default="val")
+    p.add_argument("--images", type=int, default=4, help="central-object originals used")
+    p.add_argument("--weights", default=None, help="AlexNet state dict (default: random weights)")
+    p.add_argument("--baseline", default=None, help="git revision of topdown/flows.py to compare with")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference", type=Path,
+                   default=Path(__file__).resolve().parent.parent / "tests" / "data" / "siftflow_reference.npz")
     args = p.parse_args(argv)
-    print("| transform | layer | C x H x W | EPE (layer px) | EPE of rounded truth | "
-          "mean |truth| | scored |")
-    print("|---|---|---|---|---|---|---|")
-    for t, name, shape, epe, floor, mag, frac in evaluate(args.seed):
-        print(f"| {t} | {name} | {'x'.join(map(str, shape))} | {epe:.2f} | {floor:.2f} | "
-              f"{mag:.2f} | {100 * frac:.0f}% |")
+    baseline = load_revision(args.baseline).sift_flow if args.baseline else None
+    if args.reference and str(args.reference) != "none":
+        reference_report(args.reference, baseline)
+    torch.manual_seed(args.seed)
+    net = ConvFeatures(weights=args.weights).eval()
+    originals = coco_originals(args.root, args.split)[:args.images]
+    if not originals:
+        raise SystemExit(f"no central-object originals in {args.root} ({args.split})")
+    head = "| case | layer | EPE | EPE before | EPE rounded truth | energy / before | energy / rounded truth |"
+    if baseline is None:
+        head = "| case | layer | EPE | EPE rounded truth | energy / rounded truth |"
+    print(f"# {len(originals)} originals from {args.root} ({args.split}), AlexNet "
+          f"{'weights ' + args.weights if args.weights else 'random weights'}, seed {args.seed}"
+          + (f", before = topdown/flows.py at {args.baseline}" if baseline else ""))
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for name, kind, amount in CASES:
+        identity = 1.0 if kind == "scale" else 0.0
+        sides = [canvas_side(o.box, o.width, o.height, kind, [identity, amount], 224) for o in originals]
+        pairs = TransformPairs(originals, kind, [], [], sides, 224, fill="mean", cases=[(name, amount)])
+        items = [pairs[i] for i in range(len(pairs))]
+        with torch.no_grad():
+            f1s = net(torch.stack([it["image"] for it in items]))
+            f2s = net(torch.stack([it["transformed"] for it in items]))
+        for layer, (stride, offset) in LAYER_GRID.items():
+            a, b = scale_for_flow(f1s[layer], f2s[layer])
+            truth, inside = analytic_flow(kind, amount, stride, offset, a.shape[-1])
+            rounded = truth.round().expand(a.shape[0], 2, *truth.shape[1:])
+            flow = sift_flow(a, b)
+
+            def epe(f):
+                return (f - truth).norm(dim=1)[:, inside].mean().item()
+
+            energy = flow_energy(a, b, flow)
+            row = [name, layer, f"{epe(flow):.2f}"]
+            if baseline is not None:
+                before = baseline(a, b)
+                row += [f"{epe(before):.2f}"]
+            row += [f"{epe(rounded):.2f}"]
+            if baseline is not None:
+                row += [f"{(energy / flow_energy(a, b, before)).mean().item():.3f}"]
+            row += [f"{(energy / flow_energy(a, b, rounded)).mean().item():.3f}"]
+            print("| " + " | ".join(row) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,19 +3,28 @@
 The generators paper (§2.1.3) computes one SIFT Flow per conv layer for every
 image pair: conv1 96x55x55, conv2 256x27x27, conv3 384x13x13, conv4 384x13x13,
 conv5 256x13x13 (Caffe AlexNet; 8,522 flow values per pair). This script times
-those five flows per pair at several batch sizes, on smooth random feature maps
-in [0, 255] whose second map is the first rotated by 10 degrees (so the flows
-are not trivial), and prints pairs/s plus where the time goes.
+those five flows per pair at each batch size and thread count, on smooth random
+feature maps in [0, 255] whose second map is the first rotated by 10 degrees
+(so the flows are not trivial), by wall clock and by the CPU time of the
+process (all its threads), and prints the load average before and after.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/flows.py --batch 1 32 --threads 2
+``--baseline REV`` also times ``topdown/flows.py`` as of git revision REV (for
+example the solver before a change), in the same process, alternating with the
+current one, so the two are measured under the same load.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/flows.py --batch 32 --threads 1 2 --baseline 35b82b4
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import platform
+import subprocess
+import sys
 import time
+import types
 
 import torch
 import torch.nn.functional as F
@@ -37,76 +46,82 @@ def smooth_pair(b: int, c: int, s: int, deg: float = 10.0, seed: int = 0):
     return x, F.grid_sample(x, grid, padding_mode="border", align_corners=True)
 
 
-def time_pairs(batch: int, repeats: int, device: str) -> tuple[float, float, dict[str, float]]:
-    """Best total wall seconds, its process CPU seconds and per-layer wall seconds."""
-    pairs = {name: tuple(t.to(device) for t in smooth_pair(batch, c, s, seed=i))
-             for i, (name, c, s) in enumerate(CAFFE_ALEXNET)}
-    for name in pairs:                                   # warm-up (allocator, kernels)
-        flows.sift_flow(pairs[name][0][:1], pairs[name][1][:1])
-    best, cpu, per_layer = float("inf"), float("inf"), {}
-    for _ in range(repeats):
-        layer_t = {}
-        c0 = time.process_time()
-        for name, (f1, f2) in pairs.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            flows.sift_flow(f1, f2)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            layer_t[name] = time.perf_counter() - t0
-        cpu = min(cpu, time.process_time() - c0)
-        if sum(layer_t.values()) < best:
-            best, per_layer = sum(layer_t.values()), layer_t
-    return best, cpu, per_layer
-
-
-def profile_split(batch: int) -> dict[str, float]:
-    """Seconds spent in the data term vs belief propagation, conv1..conv5."""
-    spent = {"data term": 0.0, "BP": 0.0}
-    data_fn, bp_fn = flows._data_cost, flows._bp_dual_layer
-
-    def timed(key, fn):
-        def wrapper(*a, **k):
-            t0 = time.perf_counter()
-            out = fn(*a, **k)
-            spent[key] += time.perf_counter() - t0
-            return out
-        return wrapper
-
-    flows._data_cost, flows._bp_dual_layer = timed("data term", data_fn), timed("BP", bp_fn)
+def load_revision(rev: str, path: str = "topdown/flows.py") -> types.ModuleType:
+    """The module at ``path`` as of git revision ``rev``, imported under another name."""
     try:
+        source = subprocess.run(["git", "show", f"{rev}:{path}"], check=True, capture_output=True,
+                                text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise SystemExit(f"cannot read {path} at revision {rev!r}: {getattr(err, 'stderr', err)}")
+    module = types.ModuleType(f"flows_{rev}")
+    module.__file__ = f"{rev}:{path}"
+    sys.modules[module.__name__] = module
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return module
+
+
+def _call(module, threads: int):
+    fn = module.sift_flow
+    if "workers" in inspect.signature(fn).parameters:
+        return lambda f1, f2: fn(f1, f2, workers=threads)
+    return fn
+
+
+def time_pairs(solve, pairs: dict, device: str) -> tuple[float, float, dict[str, float]]:
+    """Total wall seconds, process CPU seconds and per-layer wall seconds of one pass."""
+    layer_t = {}
+    c0 = time.process_time()
+    for name, (f1, f2) in pairs.items():
+        if device == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for i, (_, c, s) in enumerate(CAFFE_ALEXNET):
-            flows.sift_flow(*smooth_pair(batch, c, s, seed=i))
-        spent["total"] = time.perf_counter() - t0
-    finally:
-        flows._data_cost, flows._bp_dual_layer = data_fn, bp_fn
-    return spent
+        solve(f1, f2)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        layer_t[name] = time.perf_counter() - t0
+    return sum(layer_t.values()), time.process_time() - c0, layer_t
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--batch", type=int, nargs="+", default=[32])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                   help="torch threads; the current solver also splits the batch over this many workers")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes per setting (best is reported)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--baseline", default=None, help="git revision of topdown/flows.py to time alongside")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, {args.threads} threads, device {args.device}, load avg {load:.1f}")
+    solvers = {"current": flows}
+    if args.baseline:
+        solvers[f"at {args.baseline}"] = load_revision(args.baseline)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"device {args.device}, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)")
+    print("| solver | threads | batch | pairs/s wall | pairs per CPU-second | ms/pair wall by layer "
+          "(conv1 / 2 / 3 / 4 / 5) |")
+    print("|---|---|---|---|---|---|")
     for b in args.batch:
-        total, cpu, per_layer = time_pairs(b, args.repeats, args.device)
-        layers = "  ".join(f"{k} {1000 * v / b:.1f}" for k, v in per_layer.items())
-        # CPU seconds of this process (all its threads): the figure to trust
-        # when other jobs share the cores and inflate wall time.
-        print(f"batch {b:3d}: {b / total:6.1f} pairs/s wall, {b / cpu:6.1f} pairs per CPU-second "
-              f"({1000 * total / b:.1f} ms/pair wall; by layer: {layers})")
-    if args.device == "cpu":
-        b = max(args.batch)
-        split = profile_split(b)
-        print(f"batch {b} split: " + ", ".join(f"{k} {v:.2f} s" for k, v in split.items()))
+        pairs = {name: tuple(t.to(args.device) for t in smooth_pair(b, c, s, seed=i))
+                 for i, (name, c, s) in enumerate(CAFFE_ALEXNET)}
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            calls = {label: _call(m, threads) for label, m in solvers.items()}
+            for solve in calls.values():                   # warm-up (allocator, workspaces, kernels)
+                for f1, f2 in pairs.values():
+                    solve(f1, f2)
+            best = {label: (math.inf, math.inf, {}) for label in calls}
+            for _ in range(args.repeats):                  # alternate solvers: same load for both
+                for label, solve in calls.items():
+                    wall, cpu, per_layer = time_pairs(solve, pairs, args.device)
+                    w0, c0, l0 = best[label]
+                    best[label] = (min(w0, wall), min(c0, cpu), per_layer if wall < w0 else l0)
+            for label, (wall, cpu, per_layer) in best.items():
+                layers = " / ".join(f"{1000 * v / b:.1f}" for v in per_layer.values())
+                # CPU seconds of this process (all its threads): the figure to trust when other
+                # jobs share the cores and inflate wall time.
+                print(f"| {label} | {threads} | {b} | {b / wall:.1f} | {b / cpu:.1f} | {layers} |", flush=True)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(f"# load average after: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
 
 
 if __name__ == "__main__":

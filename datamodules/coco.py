@@ -8,7 +8,11 @@ Labels are the ``vocab_size`` most frequent caption words of train2014 (see
 
 Both the vocabulary (``vocab_<K>.txt``) and the label matrices
 (``vocab_<K>.labels.npz``) are cached next to each other, in ``root`` or, when
-``root`` is read-only, in ``~/.cache/topdown/``, so a second run starts fast.
+``root`` is read-only, in ``~/.cache/topdown/``, so a second run starts fast.  Both are
+keyed on what built them (the annotation files, the vocabulary size and the caption
+pipeline: stop words, lemmatizer, NLTK version; :func:`topdown.text.pipeline_key`): a
+change rebuilds them, with a warning saying why.  A ``vocab_file`` the user names is used as
+given.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,10 +32,13 @@ from torch.utils.data import DataLoader
 
 from datamodules.common import (SafeImageDataset, check_exists, distributed_eval_sampler, image_transform,
                                 split_count)
-from topdown.text import build_vocabulary, labels_from_captions, load_vocabulary, save_vocabulary
+from topdown.losses import label_weights
+from topdown.text import (build_vocabulary, labels_from_captions, load_vocabulary, pipeline_key, save_vocabulary,
+                          vocabulary_key)
 
 SPLITS = ("train", "val", "test")
-_CACHE_VERSION = 1
+PREPROCESS = ("square", "resize_crop")
+_CACHE_VERSION = 2
 
 
 @contextmanager
@@ -64,16 +72,25 @@ def _read_captions(path: Path) -> tuple[np.ndarray, list[str], list[list[str]]]:
 
 
 class COCOMultiLabelDataModule(LightningDataModule):
-    """COCO-2014 caption-concept multi-label data (feedback-prop §4.1); batches as in docs/DESIGN.md."""
+    """COCO-2014 caption-concept multi-label data (feedback-prop §4.1); batches as in docs/DESIGN.md.
+
+    ``preprocess``: ``"square"`` resizes every image to ``image_size`` squared; ``"resize_crop"``
+    is the reference code's recipe, short side to ``resize_size`` (256 for 224) and a 224 crop
+    (:func:`datamodules.common.image_transform`).
+    """
 
     image_dirs = {"train": "train2014", "val": "val2014"}
 
     def __init__(self, root: str = "data/coco", vocab_size: int = 1000, vocab_file: str | None = None,
                  image_size: int = 224, batch_size: int = 32, num_workers: int = 2,
-                 val_size: int | float = 20000, split_seed: int = 0, max_train_images: int | None = None):
+                 val_size: int | float = 20000, split_seed: int = 0, max_train_images: int | None = None,
+                 preprocess: Literal["square", "resize_crop"] = "square", resize_size: int | None = None):
         super().__init__()
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        if preprocess not in PREPROCESS:
+            raise ValueError(f"unknown preprocess {preprocess!r}; choose from {PREPROCESS}")
+        self.preprocess, self.resize_size = preprocess, resize_size
         if max_train_images is not None and max_train_images < 1:
             raise ValueError(f"max_train_images must be positive or None, got {max_train_images}")
         self.root = Path(root)
@@ -119,18 +136,41 @@ class COCOMultiLabelDataModule(LightningDataModule):
         vpath = self.vocab_path()
         vpath.parent.mkdir(parents=True, exist_ok=True)
         cache = vpath.with_name(vpath.stem + ".labels.npz")
+        pipeline = pipeline_key()
         stamp = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in ann.values())
+        stamp += f"|{pipeline}"
+        train = ann["train"].stat()
+        vkey = hashlib.sha1(f"{self.vocab_size}|{pipeline}|{train.st_size}:{train.st_mtime_ns}".encode()).hexdigest()[:16]
         with _file_lock(vpath.with_name(vpath.name + ".lock")):  # DDP ranks: one builds, others load
-            data = self._load_cache(cache, vpath, stamp)
+            vocab = self._current_vocabulary(vpath, vkey)
+            data = None if vocab is None else self._load_cache(cache, vocab, stamp)
             if data is None:
-                data = self._build(ann, vpath, cache, stamp)
+                data = self._build(ann, vpath, cache, stamp, vkey, vocab)
         self._data = self._make_splits(data)
         return self._data
 
-    def _load_cache(self, cache: Path, vpath: Path, stamp: str):
-        if not (cache.is_file() and vpath.is_file()):
+    def _current_vocabulary(self, vpath: Path, vkey: str) -> list[str] | None:
+        """The vocabulary file's words when they can be used, else None (it must be built again)."""
+        if not vpath.is_file():
             return None
-        vocab = load_vocabulary(vpath)
+        words, key = load_vocabulary(vpath), vocabulary_key(vpath)
+        if self.vocab_file is not None:  # the user's file: used as given
+            if key not in (None, vkey):
+                warnings.warn(f"vocabulary {vpath} was built with other settings; using it as given", stacklevel=4)
+            if len(words) != self.vocab_size:
+                warnings.warn(f"vocabulary {vpath} has {len(words)} words, vocab_size={self.vocab_size}; "
+                              "using the file", stacklevel=4)
+            return words
+        if key == vkey:
+            return words
+        why = ("it has no build key (an older file)" if key is None else
+               "it was built with other settings (vocabulary size, caption pipeline or train captions)")
+        warnings.warn(f"building the vocabulary {vpath} again: {why}", stacklevel=4)
+        return None
+
+    def _load_cache(self, cache: Path, vocab: list[str], stamp: str):
+        if not cache.is_file():
+            return None
         try:
             with np.load(cache, allow_pickle=False) as z:
                 if (int(z["version"]) != _CACHE_VERSION or str(z["stamp"]) != stamp
@@ -146,19 +186,14 @@ class COCOMultiLabelDataModule(LightningDataModule):
             warnings.warn(f"ignoring unreadable label cache {cache}: {err}", stacklevel=2)
             return None
 
-    def _build(self, ann: dict, vpath: Path, cache: Path, stamp: str) -> dict:
+    def _build(self, ann: dict, vpath: Path, cache: Path, stamp: str, vkey: str, vocab: list[str] | None) -> dict:
         read = {s: _read_captions(ann[s]) for s in ("train", "val")}
-        if vpath.is_file():
-            vocab = load_vocabulary(vpath)
-            if len(vocab) != self.vocab_size:
-                warnings.warn(f"vocabulary {vpath} has {len(vocab)} words, vocab_size={self.vocab_size}; "
-                              "using the file", stacklevel=3)
-        else:
+        if vocab is None:
             vocab = build_vocabulary((c for caps in read["train"][2] for c in caps), self.vocab_size)
             if len(vocab) < self.vocab_size:
                 warnings.warn(f"train2014 captions in {ann['train']} hold only {len(vocab)} distinct words, "
                               f"fewer than vocab_size={self.vocab_size}", stacklevel=3)
-            _atomic(vpath, lambda p: save_vocabulary(vocab, p))
+            _atomic(vpath, lambda p: save_vocabulary(vocab, p, key=vkey))
         out = {"vocab": vocab}
         arrays = {"version": _CACHE_VERSION, "stamp": stamp, "vocab_hash": _vocab_hash(vocab)}
         for s, (ids, files, caps) in read.items():
@@ -201,28 +236,12 @@ class COCOMultiLabelDataModule(LightningDataModule):
 
     @property
     def label_weights(self) -> torch.Tensor:
-        """Eq. 6's lambda_j = sum_i (1 - y_ij) / sum_i y_ij over the training split, float32 [K].
-
-        A label with no positive training image would get an infinite weight; it
-        gets the largest finite weight instead, with a warning naming the words.
-        """
+        """Eq. 6's lambda_j = sum_i (1 - y_ij) / sum_i y_ij over the training split, float32 [K]
+        (:func:`topdown.losses.label_weights`: a label without a positive gets the largest finite
+        weight, with a warning naming the words)."""
         data = self._prepare()
         if "label_weights" not in data:
-            y = data["splits"]["train"]["labels"]
-            pos = y.sum(0, dtype=np.int64).astype(np.float64)
-            neg = len(y) - pos
-            with np.errstate(divide="ignore", invalid="ignore"):
-                lam = neg / pos
-            missing = pos == 0
-            if missing.any():
-                finite = lam[~missing]
-                fill = float(finite.max()) if finite.size else 1.0
-                words = [data["vocab"][j] for j in np.flatnonzero(missing)]
-                warnings.warn(f"{len(words)} labels have no positive training image ({', '.join(words[:10])}"
-                              f"{', ...' if len(words) > 10 else ''}); their weight is the largest finite one, "
-                              f"{fill:.1f}", stacklevel=2)
-                lam[missing] = fill
-            data["label_weights"] = torch.tensor(lam, dtype=torch.float32)
+            data["label_weights"] = label_weights(torch.from_numpy(data["splits"]["train"]["labels"]), data["vocab"])
         return data["label_weights"].clone()
 
     def split_labels(self, split: str) -> np.ndarray:
@@ -248,7 +267,8 @@ class COCOMultiLabelDataModule(LightningDataModule):
         if split not in self._datasets:
             s = self._prepare()["splits"][split]
             self._datasets[split] = SafeImageDataset(
-                s["paths"], image_transform(self.image_size, train=split == "train"), self.image_size,
+                s["paths"], image_transform(self.image_size, train=split == "train", preprocess=self.preprocess,
+                                            resize_size=self.resize_size), self.image_size,
                 labels=s["labels"])
         return self._datasets[split]
 
@@ -278,10 +298,12 @@ class ScenesMultiLabelDataModule(COCOMultiLabelDataModule):
     def __init__(self, root: str = "data/scenes", vocab_size: int = 100, vocab_file: str | None = None,
                  image_size: int = 128, batch_size: int = 32, num_workers: int = 2,
                  val_size: int | float = 0.5, split_seed: int = 0, max_train_images: int | None = None,
-                 num_images: int = 3000, size: int = 128, seed: int = 0):
+                 num_images: int = 3000, size: int = 128, seed: int = 0,
+                 preprocess: Literal["square", "resize_crop"] = "square", resize_size: int | None = None):
         super().__init__(root=root, vocab_size=vocab_size, vocab_file=vocab_file, image_size=image_size,
                          batch_size=batch_size, num_workers=num_workers, val_size=val_size,
-                         split_seed=split_seed, max_train_images=max_train_images)
+                         split_seed=split_seed, max_train_images=max_train_images, preprocess=preprocess,
+                         resize_size=resize_size)
         self.num_images = num_images
         self.size = size
         self.seed = seed

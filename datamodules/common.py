@@ -22,10 +22,25 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def image_transform(image_size: int, train: bool):
-    """Resize to ``image_size`` x ``image_size`` (no crop: a crop could cut a labelled object
-    out), a random horizontal flip when training, then ImageNet normalisation."""
-    steps = [transforms.Resize((image_size, image_size), antialias=True)]
+def image_transform(image_size: int, train: bool, preprocess: str = "square", resize_size: int | None = None):
+    """The image pipeline, then ImageNet normalisation.
+
+    * ``"square"``: resize to ``image_size`` x ``image_size`` (no crop: a crop could cut a
+      labelled object out), a random horizontal flip when training.
+    * ``"resize_crop"``: the reference recipe of feedback-prop's COCO code: the short side to
+      ``resize_size`` (default ``image_size`` x 256/224, i.e. 256 for 224), then a centre crop
+      of ``image_size`` (a random crop and a horizontal flip when training).
+    """
+    if preprocess == "square":
+        steps = [transforms.Resize((image_size, image_size), antialias=True)]
+    elif preprocess == "resize_crop":
+        side = resize_size or round(image_size * 256 / 224)
+        if side < image_size:
+            raise ValueError(f"resize_size {side} is smaller than the crop ({image_size})")
+        steps = [transforms.Resize(side, antialias=True),
+                 transforms.RandomCrop(image_size) if train else transforms.CenterCrop(image_size)]
+    else:
+        raise ValueError(f"unknown preprocess {preprocess!r}; choose 'square' or 'resize_crop'")
     if train:
         steps.append(transforms.RandomHorizontalFlip())
     steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]

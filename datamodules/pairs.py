@@ -20,7 +20,10 @@ Originals are images whose one object is centered, roughly square and covers
 
 Each pair is ``(I[t_init], I[t_init ∘ Δ])`` (:mod:`topdown.transforms`), both
 rendered at ``image_size`` from the same square canvas, so only the object's pose
-differs. Fitting goes in phases (:func:`topdown.generators.phase_schedule`): for
+differs. With ``reverse=True`` (default) every regression pair also counts
+reversed, ``(I[t_init ∘ Δ], I[t_init])``: a pair of amount ``-Δ`` (``1/s`` for
+scale) from the same two renderings, so each kind is fitted over both signs at
+no extra image cost (the PCA pass keeps the forward base amount). Fitting goes in phases (:func:`topdown.generators.phase_schedule`): for
 each kind a PCA epoch over the base-amount pairs, then a regression epoch over all
 amounts; :meth:`PairsDataModule.train_dataloader` picks the epoch's pair set from
 ``trainer.current_epoch`` (set ``reload_dataloaders_every_n_epochs: 1``).
@@ -29,7 +32,8 @@ Batches (dicts, default collate): ``image`` (I[t_init]) and ``transformed``
 (I[t_init ∘ Δ]) float [3, S, S] normalised with ImageNet mean/std; ``amount``
 (Δ in natural units: degrees, factor or pixels), ``delta`` (the regression
 variable ``a``, :func:`topdown.generators.normalized_amount`), ``state``
-(t_init), ``kind`` (str), ``index`` (long), ``valid`` (bool). Test batches carry
+(the pose of ``image``), ``kind`` (str), ``index`` (long), ``valid`` (bool),
+``reversed`` (bool: the pair is a forward pair read backwards). Test batches carry
 ``case`` (e.g. ``"left 30"``) and render I[0] vs I[Δ].
 
 Under DDP (``use_distributed_sampler: false``), pairs are split by rank into equal
@@ -51,7 +55,7 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from topdown.generators import AMOUNT_UNITS, EVAL_CASES, normalized_amount, phase_schedule
+from topdown.generators import AMOUNT_UNITS, EVAL_CASES, inverse_amount, normalized_amount, phase_schedule
 from topdown.transforms import CentralObjectCriteria, canvas_side, compose, is_central_object, render
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -225,15 +229,19 @@ class TransformPairs(Dataset):
 
     ``sides`` gives each original's canvas side (shared by all of its renderings).
     ``cases`` (evaluation) replaces the grid by named ``(case, amount)`` pairs from state 0 / 1.
+    ``reverse``: items ``n .. 2n-1`` are items ``0 .. n-1`` read backwards, ``(I[t∘Δ], I[t])`` with
+    amount :func:`~topdown.generators.inverse_amount` ``(Δ)``, rendered from the same two states.
     """
 
     def __init__(self, originals: Sequence[Original], kind: str, init_states: Sequence[float],
                  amounts: Sequence[float], sides: Sequence[float], image_size: int = 224, fill: str = "mean",
-                 cases: Sequence[tuple[str, float]] | None = None):
+                 cases: Sequence[tuple[str, float]] | None = None, reverse: bool = False):
         if len(sides) != len(originals):
             raise ValueError("TransformPairs: one canvas side per original is required")
+        if reverse and cases is not None:
+            raise ValueError("TransformPairs: evaluation cases are named forward pairs; reverse applies to grids")
         self.originals, self.kind, self.sides = list(originals), kind, list(sides)
-        self.image_size, self.fill = image_size, fill
+        self.image_size, self.fill, self.reverse = image_size, fill, bool(reverse)
         if cases is not None:
             identity = 1.0 if kind == "scale" else 0.0
             self.grid = [(identity, float(a), name) for name, a in cases]
@@ -241,24 +249,32 @@ class TransformPairs(Dataset):
             self.grid = [(float(t), float(a), "") for t in init_states for a in amounts]
         self.cache = _ImageCache()
 
-    def __len__(self) -> int:
+    @property
+    def num_forward(self) -> int:
         return len(self.originals) * len(self.grid)
+
+    def __len__(self) -> int:
+        return self.num_forward * (2 if self.reverse else 1)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(f"pair index {index} out of range [0, {len(self)})")
-        j, g = divmod(index, len(self.grid))
+        backwards, fwd = divmod(index, self.num_forward)
+        j, g = divmod(fwd, len(self.grid))
         state, amount, case = self.grid[g]
+        end = compose(self.kind, state, amount)
         orig = self.originals[j]
         img = self.cache.get(orig.path)
         s = self.image_size
         valid = img is not None
         if valid:
-            pair = render(img.float() / 255, orig.box, self.kind, [state, compose(self.kind, state, amount)], s,
+            pair = render(img.float() / 255, orig.box, self.kind, [state, end], s,
                           side=self.sides[j], fill=self.fill).clamp(0, 1)
             pair = _normalize(pair)
         else:
             pair = torch.zeros(2, 3, s, s)
+        if backwards:
+            pair, state, amount = pair.flip(0), end, inverse_amount(self.kind, amount)
         item = {
             "image": pair[0],
             "transformed": pair[1],
@@ -268,6 +284,7 @@ class TransformPairs(Dataset):
             "kind": self.kind,
             "index": torch.tensor(index, dtype=torch.long),
             "valid": torch.tensor(valid),
+            "reversed": torch.tensor(bool(backwards)),
         }
         if case:
             item["case"] = case
@@ -328,6 +345,9 @@ class PairsDataModule(LightningDataModule):
         rotation_amounts: Δθ values (paper: 10..60); base amount 10 for the PCA pass.
         scale_inits, scale_amounts: initial factors and zoom factors (composed by product).
         translation_inits, translation_amounts: initial shifts and shifts, output pixels at ``image_size``.
+        reverse: regression pairs also count reversed (amount -Δ, 1/s): both signs from the same renderings.
+            The defaults then fit rotation over ±10..60°, scale over 0.71x..1.4x, translations over ±10..30 px,
+            which hold every amount of the paper (±30°, 1.3x, 0.75x, 30 px left, 30 px up).
         base_amounts: PCA-pass amount per kind (default: rotation 10°, scale 1.3x as in Fig. A1, translations
             10 px; at conv5 a 1.1x zoom moves no 13x13 cell by a whole pixel, so its integer flows are all 0).
         image_size: rendered side (224 for AlexNet conv1-conv5 maps of 55/27/13).
@@ -342,9 +362,9 @@ class PairsDataModule(LightningDataModule):
 
     def __init__(self, root: str = "data/scenes", dataset: str = "scenes", transform: str | list[str] = "rotation",
                  rotation_step: float = 5.0, rotation_amounts: list[float] = (10, 20, 30, 40, 50, 60),
-                 scale_inits: list[float] = (0.8, 0.9, 1.0), scale_amounts: list[float] = (1.1, 1.2, 1.3, 0.9, 0.8, 0.75),
+                 scale_inits: list[float] = (0.8, 0.9, 1.0), scale_amounts: list[float] = (1.1, 1.2, 1.3, 1.4),
                  translation_inits: list[float] = (-10, 0, 10),
-                 translation_amounts: list[float] = (10, 20, 30, -10, -20, -30),
+                 translation_amounts: list[float] = (10, 20, 30), reverse: bool = True,
                  base_amounts: dict[str, float] | None = None, image_size: int = 224, batch_size: int = 8,
                  num_workers: int = 0, max_images: int | None = None, test_max_images: int | None = None,
                  split: str = "train", test_split: str = "val", fill: str = "mean", rule: str = "single",
@@ -354,7 +374,7 @@ class PairsDataModule(LightningDataModule):
         super().__init__()
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; choose from {DATASETS}")
-        self.root, self.dataset = root, dataset
+        self.root, self.dataset, self.reverse = root, dataset, bool(reverse)
         self.kinds = expand_kinds(transform)
         self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
         self.max_images, self.test_max_images = max_images, test_max_images
@@ -440,7 +460,14 @@ class PairsDataModule(LightningDataModule):
         elif phase != "regression":
             raise ValueError(f"unknown phase {phase!r}; choose 'pca' or 'regression'")
         return TransformPairs(self.train_originals, kind, inits, amounts, self.sides(self.train_originals, kind),
-                              self.image_size, self.fill)
+                              self.image_size, self.fill, reverse=self.reverse and phase == "regression")
+
+    def amount_range(self, kind: str) -> tuple[float, float]:
+        """Smallest and largest amount (natural units) the regression pass of ``kind`` fits."""
+        amounts = list(self.grids[kind][1])
+        if self.reverse:
+            amounts += [inverse_amount(kind, a) for a in amounts]
+        return min(amounts), max(amounts)
 
     def test_pairs(self) -> torch.utils.data.ConcatDataset:
         parts = [TransformPairs(self.test_originals, k, [], [], self.sides(self.test_originals, k), self.image_size,

@@ -12,6 +12,11 @@ docs/DESIGN.md):
 * SUN397 (feedback-prop §4.3, hierarchical scene recognition): the same
   images in ``SUN397/<letter>/<category>/``, ``ClassName.txt`` and a
   three-level ``hierarchy.csv`` (coarse, general, fine).
+* ILSVRC CLS-LOC classification (generators paper §3.3, Table 1): the same
+  images in ``ILSVRC/Data/CLS-LOC/train/<wnid>/`` and a flat
+  ``ILSVRC/Data/CLS-LOC/val/``, with ``LOC_val_solution.csv`` and
+  ``LOC_synset_mapping.txt`` (:func:`write_classification_view`). An image's class
+  is its largest object's category (WordNet ids of :data:`OBJECT_SYNSETS`).
 
 Why it looks the way it does: feedback-prop only helps when knowing some
 labels tells something about the others, so each scene has a strong, structured
@@ -986,6 +991,10 @@ def build_scenes(root, num_images: int = 3000, size: int = 128, seed: int = 0, w
         "central_objects": central,
         "build_seconds": round(time.perf_counter() - t0, 2),
     }
+    from datamodules.scenes_news import build_news_view
+
+    build_news_view(root, seed)  # the GoodNews-layout news view (root/news), from the files above
+    write_classification_view(root)  # the ILSVRC CLS-LOC view (root/ILSVRC), hard links to the images
     _write_json(root / "scenes.json", meta)
     return root
 
@@ -1039,6 +1048,126 @@ def write_karpathy_split(root, seed: int = 0, eval_fraction: float = 1 / 12) -> 
     path = root / KARPATHY_FILE
     _write_json(path, {"images": images, "dataset": "coco"})
     return path
+
+
+# --------------------------------------------------------------------------- #
+# ILSVRC CLS-LOC classification view (generators paper §3.3, Table 1)
+# --------------------------------------------------------------------------- #
+# WordNet 3.0 noun synsets of the object categories: ILSVRC's wnid and its LOC_synset_mapping.txt names.
+OBJECT_SYNSETS = {
+    "woman": ("n10787470", "woman, adult female"), "child": ("n09917593", "child, kid, youngster"),
+    "dog": ("n02084071", "dog, domestic dog, Canis familiaris"), "cat": ("n02121620", "cat, true cat"),
+    "bird": ("n01503061", "bird"), "horse": ("n02374451", "horse, Equus caballus"), "cow": ("n02403454", "cow, moo-cow"),
+    "sheep": ("n02411705", "sheep"), "car": ("n02958343", "car, auto, automobile, machine, motorcar"),
+    "bus": ("n02924116", "bus, autobus, coach, motorbus, omnibus"), "truck": ("n04490091", "truck, motortruck"),
+    "bicycle": ("n02834778", "bicycle, bike, wheel, cycle"), "boat": ("n02858304", "boat"),
+    "airplane": ("n02691156", "airplane, aeroplane, plane"), "train": ("n04468005", "train, railroad train"),
+    "tree": ("n13104059", "tree"), "flower": ("n11669921", "flower"), "bench": ("n02828884", "bench"),
+    "chair": ("n03001627", "chair"), "table": ("n04379243", "table"), "bed": ("n02818832", "bed"),
+    "couch": ("n04256520", "sofa, couch, lounge"), "lamp": ("n03636248", "lamp"),
+    "laptop": ("n03642806", "laptop, laptop computer"), "book": ("n02870092", "book, volume"),
+    "cup": ("n03147509", "cup"), "bottle": ("n02876657", "bottle"), "umbrella": ("n04507155", "umbrella"),
+    "ball": ("n02778669", "ball"), "kite": ("n03621473", "kite"),
+}
+CLS_LOC_MARKER = "ILSVRC/scenes_cls_loc.json"  # written last: its presence means a complete view
+
+
+def image_class(annotations: list[dict]) -> dict | None:
+    """The annotation that names an image's class: the largest by ``area`` (ties: the lowest id); None if none.
+
+    ILSVRC CLS-LOC labels each image by one object category and boxes the
+    objects of that category; a scene holds several objects, and the one
+    covering most pixels is the one a single label would name. It is read from
+    the COCO annotation files, so an existing build gets the same view.
+    """
+    return max(annotations, key=lambda a: (a["area"], -a["id"])) if annotations else None
+
+
+def _link_file(src: Path, dst: Path) -> None:
+    """Hard-link ``dst`` to ``src`` (the same bytes, no re-encoding), or copy where links are not possible."""
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def write_classification_view(root) -> dict:
+    """Write the ILSVRC CLS-LOC classification layout of an existing build under ``root`` (additive).
+
+    ::
+
+        ILSVRC/Data/CLS-LOC/train/<wnid>/<wnid>_<image id>.JPEG    # from train2014/
+        ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_<image id:08d>.JPEG   # from val2014/
+        LOC_val_solution.csv       # ImageId,PredictionString ("<wnid> xmin ymin xmax ymax ..." of the class's boxes)
+        LOC_synset_mapping.txt     # "<wnid> <names>" for every object category, sorted by wnid
+        ILSVRC/scenes_cls_loc.json # rule, counts per split and class, images left out
+
+    The class rule is :func:`image_class`. Image files are hard links to (or
+    copies of) the COCO-layout files, and nothing else in ``root`` is written or
+    read from a random stream, so every other file of a build stays byte-identical.
+    Images without any annotation are left out and listed in the JSON file.
+    """
+    root = Path(root)
+    data_dir = root / "ILSVRC" / "Data" / "CLS-LOC"
+    (root / CLS_LOC_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(data_dir, ignore_errors=True)
+    summary = {"rule": "largest annotation by area (ties: lowest annotation id)", "counts": {}, "classes": {},
+               "left_out": {}}
+    val_rows = []
+    for split in ("train", "val"):
+        inst = json.loads((root / "annotations" / f"instances_{split}2014.json").read_text())
+        names = {c["id"]: c["name"] for c in inst["categories"]}
+        by_image: dict[int, list[dict]] = {}
+        for a in inst["annotations"]:
+            by_image.setdefault(a["image_id"], []).append(a)
+        per_class: Counter = Counter()
+        left_out = []
+        for img in sorted(inst["images"], key=lambda i: i["id"]):
+            anns = by_image.get(img["id"], [])
+            label = image_class(anns)
+            if label is None:
+                left_out.append(img["file_name"])
+                continue
+            wnid = OBJECT_SYNSETS[names[label["category_id"]]][0]
+            src = root / f"{split}2014" / img["file_name"]
+            if split == "train":
+                dst = data_dir / "train" / wnid / f"{wnid}_{img['id']}.JPEG"
+            else:
+                stem = f"ILSVRC2012_val_{img['id']:08d}"
+                dst = data_dir / "val" / f"{stem}.JPEG"
+                boxes = [a["bbox"] for a in sorted(anns, key=lambda a: a["id"])
+                         if a["category_id"] == label["category_id"]]
+                val_rows.append((stem, " ".join(f"{wnid} {x} {y} {x + w} {y + h}" for x, y, w, h in boxes)))
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            _link_file(src, dst)
+            per_class[wnid] += 1
+        summary["counts"][split] = sum(per_class.values())
+        summary["classes"][split] = dict(sorted(per_class.items()))
+        summary["left_out"][split] = left_out
+    with open(root / "LOC_val_solution.csv", "w", newline="") as f:
+        f.write("ImageId,PredictionString\n")
+        f.writelines(f"{stem},{pred}\n" for stem, pred in sorted(val_rows))
+    (root / "LOC_synset_mapping.txt").write_text(
+        "".join(f"{wnid} {names}\n" for wnid, names in sorted(OBJECT_SYNSETS.values())))
+    _write_json(root / CLS_LOC_MARKER, summary)
+    return summary
+
+
+def ensure_classification_view(root) -> Path:
+    """Write the CLS-LOC view of the build at ``root`` unless it is complete; safe under concurrent DDP ranks."""
+    root = Path(root)
+    if not (root / "scenes.json").is_file():
+        raise FileNotFoundError(f"no scenes build at {root} (scenes.json missing): build it first")
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (root / CLS_LOC_MARKER).is_file():
+                write_classification_view(root)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return root
 
 
 def ensure_scenes(root, **kw) -> Path:

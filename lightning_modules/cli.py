@@ -8,9 +8,13 @@ jsonargparse validates every key (an unknown one is an error naming it) and the
 resolved config is saved beside the run and sent to the loggers.
 
 Each run writes to ``<run.root>/<run.name>/version_<N>/``: ``config.yaml``,
-``checkpoints/`` (one per epoch and ``last.ckpt``), ``metrics.csv`` and
-``wandb/``. ``--ckpt_path last`` resumes the newest version of the same name,
-and W&B continues the same run id.
+``checkpoints/`` (the best by the preset's monitor and ``last.ckpt``; every epoch with
+``--run.checkpoints all``), ``metrics.csv`` and ``wandb/``. ``--ckpt_path last`` resumes
+the newest version of the same name, and W&B continues the same run id.
+
+A checkpoint carries the resolved config it was trained with, so ``evaluate.py`` needs no more
+than the checkpoint file: not its run folder, and not the pretrained weights file the
+training started from (the checkpoint holds every weight).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from lightning_modules.registry import MODELS, Preset, get_preset
 # Set by the launching process, as "<pid>:<folder>", so the DDP ranks it starts write to its folder.
 RUN_DIR_ENV = "TOPDOWN_RUN_DIR"
 CHECKPOINT_DIR = "checkpoints"
+CONFIG_KEY = "topdown_config"  # the resolved config inside a checkpoint
 
 
 def split_model_arg(args: list[str]) -> tuple[Preset, list[str]]:
@@ -106,13 +111,38 @@ def make_wandb_logger(run_dir: Path, name: str, project: str, mode: str) -> Logg
     )
 
 
+def finish_wandb(run) -> None:
+    """Finish a W&B run so that its files are complete when this returns.
+
+    ``Run.finish()`` returns once the run's last records are handed to the W&B service; the
+    service writes them to the offline run file (``run-<id>.wandb``) and closes it afterwards, on
+    its own time.  A reader right after (a test, ``wandb sync``, the next step of a script) could
+    find only the file's 8-byte header, and a process that ends abruptly then loses the records.
+    Tearing the service down waits for it to flush and exit; that is done when no other run of
+    this process is active (the next run starts a new service).
+    """
+    import wandb
+    from wandb.sdk import wandb_setup
+
+    run.finish()
+    if wandb_setup.singleton().most_recent_active_run is None:
+        wandb.teardown()
+
+
 class ConfigToLoggers(SaveConfigCallback):
-    """Save ``config.yaml`` in the run folder and send the resolved config to every logger (rank 0 only)."""
+    """Save ``config.yaml`` in the run folder, send the resolved config to every logger (rank 0 only)
+    and store it in every (full) checkpoint."""
+
+    def _resolved(self) -> dict:
+        return yaml.safe_load(self.parser.dump(self.config, skip_none=False))
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        config = self._resolved()
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        checkpoint[CONFIG_KEY] = {k: v for k, v in self._resolved().items() if k in ("model", "data")}
 
 
 class TopdownCLI(LightningCLI):
@@ -144,6 +174,8 @@ class TopdownCLI(LightningCLI):
         parser.add_argument("--run.wandb_project", type=str, default="topdown")
         parser.add_argument("--run.test_after_fit", type=bool, default=True,
                             help="after fitting, run the test stage on the best checkpoint")
+        parser.add_argument("--run.checkpoints", type=Literal["best", "all"], default="best",
+                            help="keep the best checkpoint and last.ckpt (best), or one per epoch too (all)")
         for source, target in self.preset.links:
             parser.link_arguments(source, target, apply_on="instantiate")
         self.add_stage_arguments(parser)
@@ -176,7 +208,9 @@ class TopdownCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def _checkpointing(self) -> ModelCheckpoint:
-        """One checkpoint per epoch plus ``last.ckpt`` in the run folder, best by the preset's monitor."""
+        """``last.ckpt`` and the best checkpoint by the preset's monitor in the run folder; with
+        ``--run.checkpoints all`` one per epoch too (each holds the optimizer state: on COCO that
+        fills a disk, hence not the default)."""
         monitor = self.preset.monitor
         filename = "epoch{epoch:03d}" + (f"-{monitor.replace('/', '_')}{{{monitor}:.4f}}" if monitor else "")
         return ModelCheckpoint(
@@ -184,7 +218,7 @@ class TopdownCLI(LightningCLI):
             filename=filename,
             monitor=monitor,
             mode=self.preset.mode,
-            save_top_k=-1,
+            save_top_k=-1 if self.config_init.run.checkpoints == "all" else 1,
             save_last=True,
             auto_insert_metric_name=False,
         )
@@ -196,7 +230,7 @@ def close_run(cli: LightningCLI) -> None:
 
     for logger in cli.trainer.loggers:
         if isinstance(logger, WandbLogger) and cli.trainer.is_global_zero:
-            logger.experiment.finish()
+            finish_wandb(logger.experiment)
 
 
 def checkpoint_for_test(trainer: Trainer) -> Optional[str]:
@@ -209,12 +243,32 @@ def checkpoint_for_test(trainer: Trainer) -> Optional[str]:
     return ckpt.last_model_path or None
 
 
-def run_config_beside(ckpt_path: str) -> Optional[dict]:
-    """The ``config.yaml`` saved in the run folder that holds ``ckpt_path`` (``<run>/checkpoints/x.ckpt``)."""
-    path = Path(ckpt_path).resolve().parent.parent / "config.yaml"
-    if not path.is_file():
-        return None
-    return yaml.safe_load(path.read_text())
+def trained_config(ckpt_path: str) -> Optional[dict]:
+    """The ``model`` and ``data`` config a checkpoint was trained with.
+
+    From the checkpoint itself (train.py stores it in every full checkpoint), else from the
+    ``config.yaml`` of the run folder that holds it (``<run>/checkpoints/x.ckpt``), else the
+    model part from the checkpoint's hyperparameters.
+    """
+    import torch
+
+    path = Path(ckpt_path)
+    ckpt = None
+    if path.is_file():
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception:  # noqa: BLE001 - not a zip checkpoint: Lightning will say so when loading it
+            ckpt = None
+    if isinstance(ckpt, dict) and isinstance(ckpt.get(CONFIG_KEY), dict):
+        return ckpt[CONFIG_KEY]
+    beside = path.resolve().parent.parent / "config.yaml"
+    if beside.is_file():
+        return yaml.safe_load(beside.read_text())
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if isinstance(hp, dict) and hp.get("_class_path"):
+        args = {k: v for k, v in hp.items() if not k.startswith("_")}
+        return {"model": {"class_path": hp["_class_path"], "init_args": args}}
+    return None
 
 
 def build_cli(args: list[str] | None, stage: Literal["fit", "test"], cli_class: type[TopdownCLI] = TopdownCLI,
@@ -234,10 +288,18 @@ def _ckpt_arg(args: list[str]) -> Optional[str]:
 
 
 def _with_trained_config(args: list[str]) -> list[str]:
-    """Evaluate a checkpoint with the model and data it was trained with (later flags still override)."""
-    trained = run_config_beside(_ckpt_arg(args))
+    """Evaluate a checkpoint with the model and data it was trained with (later flags still override).
+
+    The pretrained weights file the training started from is not read again: the checkpoint
+    holds every weight, and the machine that evaluates may not have that file.
+    """
+    trained = trained_config(_ckpt_arg(args))
     if not trained:
         return args
+    trained = {k: v for k, v in trained.items() if k in ("model", "data") and v}
+    init = (trained.get("model") or {}).get("init_args") or {}
+    if init.get("weights"):
+        trained["model"] = {**trained["model"], "init_args": {**init, "weights": None}}
     at = args.index("--config") + 2
-    extra = [f"--{key}={json.dumps(trained[key])}" for key in ("model", "data") if trained.get(key)]
+    extra = [f"--{key}={json.dumps(value)}" for key, value in trained.items()]
     return args[:at] + extra + args[at:]

@@ -7,9 +7,11 @@ optimizer:
 1. PCA epoch: flows of the base-amount pairs accumulate into
    :class:`topdown.generators.PCAStats`; at the epoch's end the statistics are
    summed over DDP ranks and ``M, U_1..U_K`` computed (§2.1.4).
-2. Regression epoch: flows of all amounts accumulate into
+2. Regression epoch: flows of all amounts, both signs (the datamodule's reversed
+   pairs carry ``delta = -a``), accumulate into
    :class:`topdown.generators.RegressionStats` (eq. 2); at the end ``w_lsq`` is
-   solved and the kind's generator joins the bank (§3.1).
+   solved and the kind's generator joins the bank (§3.1), with its fitted amount
+   range for :meth:`~topdown.generators.GeneratorBank.estimate`.
 
 After the last kind, the bank is written to ``<run>/generator_bank.pt`` and
 fitting stops. ``test`` evaluates the bank (§3.1 RMS/MAD, Fig. A2 negation) on
@@ -24,8 +26,9 @@ Standalone evaluation of a saved bank::
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from lightning.pytorch import LightningModule
@@ -52,15 +55,19 @@ class GeneratorsModule(LightningModule):
         eval_layer: layer of the RMS / MAD evaluation (paper: conv5).
         inverse: how the generator is applied at evaluation (``"negate"`` as in the paper, or ``"exact"``).
         exact_eig_below: flow dimensions below this use a full ``eigh``; above, subspace iteration.
+        pca_rank: fewer PCA pairs than ``num_components + 1``: ``"drop"`` the components beyond the rank
+            with a warning saying how many, or ``"error"``.
+        init_seed: seed of the random AlexNet when ``weights`` is None (the same for every command).
     """
 
     def __init__(self, weights: str | None = None, layers: Sequence[str] = PAPER_LAYERS, num_components: int = 10,
                  degree: int = 3, quantile: float = 0.99, flow_kwargs: dict | None = None, eval_layer: str = "conv5",
-                 inverse: str = "negate", exact_eig_below: int = 3000):
+                 inverse: str = "negate", exact_eig_below: int = 3000, pca_rank: Literal["drop", "error"] = "drop",
+                 init_seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.extractor = ConvFeatures(tuple(layers), weights).eval()
+        self.extractor = ConvFeatures(tuple(layers), weights, init_seed=init_seed).eval()
         self.extractor.requires_grad_(False)
         # DistributedDataParallel refuses a module without a trainable parameter; this one is never used.
         self.ddp_anchor = torch.nn.Parameter(torch.zeros(1))
@@ -91,6 +98,7 @@ class GeneratorsModule(LightningModule):
             raise ValueError("set trainer.reload_dataloaders_every_n_epochs: 1 so each phase gets its pair set")
         layout = self.extractor.layout(dm.image_size)
         meta = {"backbone": "alexnet", "weights": self.hparams.weights, "pretrained": self.extractor.pretrained,
+                "init_seed": self.hparams.init_seed, "reverse": bool(getattr(dm, "reverse", False)),
                 "quantile": self.hparams.quantile, "flow_kwargs": dict(self.hparams.flow_kwargs or {}),
                 "dataset": getattr(dm, "dataset", None), "originals": len(getattr(dm, "train_originals", []))}
         self.bank = GeneratorBank(layout, dm.image_size, meta)
@@ -154,16 +162,23 @@ class GeneratorsModule(LightningModule):
         stats = self.stats.all_reduce(self._reduce())
         dm = self._datamodule()
         if phase == "pca":
-            mean, comps, var = stats.components(self.hparams.num_components, self.hparams.exact_eig_below)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                mean, comps, var = stats.components(self.hparams.num_components, self.hparams.exact_eig_below,
+                                                    on_rank=self.hparams.pca_rank)
+            for w in caught:
+                rank_zero_warn(f"generators, {kind}: {w.message}")
             total = float(torch.trace(stats.covariance()))
             self.bases[kind] = torch.cat((mean[:, None], comps), dim=1).cpu()
             self._pca_info = {"pairs_pca": int(stats.count), "explained": float(var.sum()) / max(total, 1e-300),
-                              "variances": [float(v) for v in var]}
+                              "variances": [float(v) for v in var],
+                              "components_dropped": self.hparams.num_components - comps.shape[1]}
             self.log(f"train/{kind}/pca_pairs", float(stats.count), rank_zero_only=True)
             self.log(f"train/{kind}/explained_variance", self._pca_info["explained"], rank_zero_only=True)
         else:
             w, rms = stats.solve(self.bases[kind])
-            info = {**self._pca_info, "pairs_regression": int(stats.count), "residual_rms": rms}
+            info = {**self._pca_info, "pairs_regression": int(stats.count), "residual_rms": rms,
+                    "amount_range": list(dm.amount_range(kind)) if hasattr(dm, "amount_range") else None}
             self.bank.add(GeneratorModel(kind, self.bases[kind], w, self.hparams.degree, dm.base_amounts[kind], info))
             self.log(f"train/{kind}/residual_rms", rms, rank_zero_only=True)
             self.log(f"train/{kind}/regression_pairs", float(stats.count), rank_zero_only=True)
@@ -242,12 +257,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m lightning_modules.generators", description=main.__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--bank", help="generator_bank.pt written by train.py --model generators")
-    src.add_argument("--ckpt", help="a generators checkpoint: its bank and its AlexNet (needed for random-init runs)")
+    src.add_argument("--ckpt", help="a generators checkpoint: its bank and its AlexNet")
     p.add_argument("--root", default="data/scenes")
     p.add_argument("--dataset", default="scenes", choices=("scenes", "ilsvrc"))
     p.add_argument("--split", default="val")
     p.add_argument("--max-images", type=int, default=None)
-    p.add_argument("--weights", default=None, help="AlexNet weights file (must match the one used for fitting)")
+    p.add_argument("--weights", default=None, help="AlexNet weights file (default: the bank's; a random-init bank "
+                   "gets the same seeded random AlexNet)")
     p.add_argument("--layer", default="conv5")
     p.add_argument("--inverse", default="negate", choices=("negate", "exact"))
     p.add_argument("--batch-size", type=int, default=8)
@@ -262,14 +278,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         state = {k.removeprefix("extractor."): v for k, v in ckpt["state_dict"].items() if k.startswith("extractor.")}
     else:
         bank = GeneratorBank.load(args.bank)
-        if bank.meta.get("weights") != args.weights:
-            rank_zero_warn(f"bank was fitted with weights={bank.meta.get('weights')!r}, evaluating with "
-                           f"{args.weights!r}: features differ from the fit's (use --ckpt for random-init runs)")
     dm = PairsDataModule(root=args.root, dataset=args.dataset, transform=bank.kinds, image_size=bank.image_size,
                          batch_size=args.batch_size, test_max_images=args.max_images, test_split=args.split)
     dm.prepare_data()
     dm.setup("test")
-    extractor = ConvFeatures(bank.layout.names, args.weights).eval()
+    extractor = ConvFeatures.for_bank(bank, args.weights).eval()
     if state is not None:
         extractor.load_state_dict(state)
 

@@ -6,9 +6,11 @@
 * ``baseline_pl``: the same with the true coarse indicator concatenated to the classifier input;
 * ``sinn_pl``: SINN (Hu et al. 2016) with the coarse labels as partial labels.
 
-``feedback_method: lf | rf`` turns the test stage of a trained ``baseline`` into the LF / RF rows:
-feedback-prop with the true coarse labels as known evidence (:func:`topdown.sinn.coarse_known_loss`),
-pivots ``feedback_layers`` (AlexNet conv2..conv5 as in the paper). Validation stays plain.
+The LF / RF rows evaluate a trained ``baseline`` with feedback-prop, the true coarse labels as
+known evidence (:class:`topdown.evidence.CoarseLabelEvidence`), through the shared protocols:
+``evaluate.py --feedback.protocol select`` chooses λ and T on val and reports test
+(``scripts/table1.py`` runs it). ``feedback_layers`` are the model's default pivots (AlexNet
+conv2..conv5 as in the paper).
 
 Logged keys: ``train/loss``, ``{val,test}/loss``, ``{val,test}/mc_acc``, ``{val,test}/map``,
 ``{val,test}/iou_acc`` (percent, topdown.metrics), ``{val,test}/skipped``.
@@ -20,16 +22,15 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric, SumMetric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from topdown.feedback import feedback_prop
 from topdown.metrics import table1_metrics
 from topdown.sinn import (
     DEFAULT_THRESHOLD,
     SINN,
     FineClassifier,
-    coarse_known_loss,
     feature_trunk,
     pearson_correlation,
     relation_masks,
@@ -65,13 +66,15 @@ class Table1Metric(Metric):
 
 
 class HierarchicalModule(LightningModule):
-    """Baseline, Baseline + PL, SINN + PL and the LF / RF evaluation of feedback-prop Table 1.
+    """Baseline, Baseline + PL and SINN + PL of feedback-prop Table 1 (the LF / RF rows: module docstring).
 
     Args:
         variant: ``baseline``, ``baseline_pl`` or ``sinn_pl`` (see module docstring).
         backbone: torchvision model name (AlexNet as in the paper; any classification model works).
         weights: pretrained weights: a local file (e.g. a Places365 AlexNet state dict) or a cached
-            torchvision weights name; random init when None.
+            torchvision weights name; random init when None.  The trunk must be complete in the
+            file (:func:`topdown.backbones.load_weights`) unless ``partial_weights``.
+        partial_weights: accept a file that holds only part of the trunk (the rest stays random).
         num_classes, num_general, num_coarse: level sizes (linked from the datamodule).
         relation_threshold: τ of SINN's relation graphs: positive where the Pearson correlation of
             two labels on the training split is > τ, negative where < −τ.
@@ -81,12 +84,8 @@ class HierarchicalModule(LightningModule):
             layers); None = ``lr``. Fine-tuning from a pretrained trunk (Places365 in the paper, a
             trained Baseline in ``scripts/table1.py``) gives the new layers a higher rate so the
             three partial-label inputs of Bsln + PL can gain weight in a few epochs.
-        feedback_method: ``lf`` / ``rf`` to evaluate the test split with feedback-prop (needs
-            ``variant: baseline``), None for the plain forward pass.
-        feedback_layers: pivots in forward order (paper names or module names).
-        feedback_steps, feedback_lr, feedback_optimizer, feedback_weight_decay: feedback-prop updates per
-            pivot (LF) or in total (RF), their rate, optimizer and its weight decay (the reference code
-            used 1e-4; 0 here, as in the scenes table of docs/HIERARCHICAL.md).
+        feedback_layers: the default pivots of its feedback-prop evaluation, in forward order
+            (paper names or module names; ``--feedback.layers`` overrides them).
 
     The hierarchy (``fine_to_general``, ``fine_to_coarse``) and SINN's relation graphs are read
     from the datamodule in ``setup`` and kept as buffers, so a checkpoint carries them.
@@ -105,20 +104,16 @@ class HierarchicalModule(LightningModule):
         lr: float = 1e-4,
         weight_decay: float = 1e-4,
         head_lr: Optional[float] = None,
-        feedback_method: Optional[Literal["lf", "rf"]] = None,
         feedback_layers: list[str] = ["conv2", "conv3", "conv4", "conv5"],  # noqa: B006 (CLI default)
-        feedback_steps: int = 10,
-        feedback_lr: float = 3e-3,
-        feedback_optimizer: Literal["sgd", "momentum", "adam", "adagrad"] = "adam",
-        feedback_weight_decay: float = 0.0,
+        partial_weights: bool = False,
     ):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
-        if feedback_method is not None and variant != "baseline":
-            raise ValueError(f"feedback_method={feedback_method!r} refines the Baseline (Table 1 LF/RF rows); got variant={variant!r}")
         self.save_hyperparameters()
-        trunk, dim = feature_trunk(backbone, weights)
+        trunk, dim = feature_trunk(backbone, weights, partial=partial_weights)
+        if weights:
+            rank_zero_info(str(trunk.topdown_weights))
         if variant == "sinn_pl":
             self.net = SINN(trunk, dim, (num_coarse, num_general, num_classes), observed=("coarse",))
         else:
@@ -179,21 +174,12 @@ class HierarchicalModule(LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=b["image"].shape[0])
         return loss
 
-    def _evaluate(self, batch: dict, stage: str, metric: Table1Metric, skipped: SumMetric, feedback: bool) -> None:
+    def _evaluate(self, batch: dict, stage: str, metric: Table1Metric, skipped: SumMetric) -> None:
         skipped.update(torch.tensor(float((~batch["valid"]).sum()), device=self.device))
         b = self._valid(batch)
         if b["image"].shape[0] == 0:
             return
-        if feedback:
-            outputs = feedback_prop(
-                self.net, b["image"], coarse_known_loss(b["coarse"], self.fine_to_coarse),
-                list(self.hparams.feedback_layers), method=self.hparams.feedback_method,
-                steps=self.hparams.feedback_steps, lr=self.hparams.feedback_lr,
-                optimizer=self.hparams.feedback_optimizer, weight_decay=self.hparams.feedback_weight_decay,
-            )
-        else:
-            outputs = self(b["image"], b["coarse"])
-        logits = self.fine_logits(outputs)
+        logits = self.fine_logits(self(b["image"], b["coarse"]))
         # Per-rank loss only: a synced per-step log could deadlock on unequal batches.
         self.log(f"{stage}/loss", F.cross_entropy(logits, b["target"]), batch_size=b["image"].shape[0])
         metric.update(logits.softmax(-1), b["target"])
@@ -205,13 +191,13 @@ class HierarchicalModule(LightningModule):
         metric.reset(), skipped.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_metrics, self.val_skipped, feedback=False)
+        self._evaluate(batch, "val", self.val_metrics, self.val_skipped)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val", self.val_metrics, self.val_skipped)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_metrics, self.test_skipped, feedback=self.hparams.feedback_method is not None)
+        self._evaluate(batch, "test", self.test_metrics, self.test_skipped)
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test", self.test_metrics, self.test_skipped)

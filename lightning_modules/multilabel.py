@@ -5,6 +5,7 @@ from typing import Literal, Optional
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
 from lightning_modules.metrics import LabelMAP
@@ -20,7 +21,9 @@ class MultiLabelModule(LightningModule):
         num_labels: vocabulary size K (linked from the datamodule).
         label_weights: lambda_j of eq. 6, [K] (linked from the datamodule); ones when absent.
         head: ``linear`` or the reference code's ``conv_max`` (1x1 conv, spatial max).
-        weights: pretrained weights: a local file or a cached torchvision weights name.
+        weights: pretrained weights: a local file or a cached torchvision weights name; the trunk
+            must be complete in it (:func:`topdown.backbones.load_weights`) unless ``partial_weights``.
+        partial_weights: accept a file that holds only part of the trunk (the rest stays random).
         freeze_backbone_epochs: the reference recipe: train only the head for this many epochs,
             then fine-tune end to end.
     """
@@ -36,10 +39,13 @@ class MultiLabelModule(LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         freeze_backbone_epochs: int = 0,
+        partial_weights: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["label_weights"])
-        self.net = build_backbone(backbone, num_labels, head=head, weights=weights)
+        self.net = build_backbone(backbone, num_labels, head=head, weights=weights, partial_weights=partial_weights)
+        if self.net.topdown_weights is not None:
+            rank_zero_info(str(self.net.topdown_weights))
         weights_ = torch.ones(num_labels) if label_weights is None else torch.as_tensor(label_weights).float()
         if weights_.shape != (num_labels,):
             raise ValueError(f"label_weights has shape {tuple(weights_.shape)}, expected ({num_labels},)")

@@ -46,6 +46,37 @@ MODELS: dict[str, Preset] = {
         monitor="val/mc_acc",
     ),
     "generators": Preset("generators"),
+    "siamese": Preset(
+        "siamese",
+        links=(
+            ("data.image_size", "model.init_args.image_size"),
+            ("data.threshold", "model.init_args.threshold"),
+        ),
+    ),
+    "inversion": Preset(
+        "inversion",
+        links=(("data.image_size", "model.init_args.image_size"),),
+        monitor="val/loss",
+        mode="min",
+    ),
+    "news": Preset(
+        "news",
+        links=(
+            ("data.num_caption_labels", "model.init_args.num_caption_labels"),
+            ("data.num_article_labels", "model.init_args.num_article_labels"),
+            ("data.caption_label_weights", "model.init_args.caption_label_weights"),
+            ("data.article_label_weights", "model.init_args.article_label_weights"),
+        ),
+        monitor="val/map_caption",
+    ),
+    "warp_alexnet": Preset(
+        "warp_alexnet",
+        links=(
+            ("data.num_classes", "model.init_args.num_classes"),
+            ("data.crop_size", "model.init_args.image_size"),
+        ),
+        monitor="val/top1",
+    ),
     "captioning": Preset(
         "captioning",
         links=(

@@ -6,7 +6,8 @@
 2. trains a ResNet-18 multi-label model (feedback-prop §4.1, eq. 6) with ``train.main`` and
    prints its test mAP,
 3. picks the pivot layer on (part of) the validation split (the layer-wise analysis of §5
-   over a few candidates, LF and RF, all complement labels known),
+   over a few candidates, LF and RF, all complement labels known; T chosen per cell on val,
+   each cell's figure reported on the same part of the test split),
 4. evaluates no-fp, LF and RF at that layer on the test split with half of the labels unknown
    and ``--draws`` random draws of known labels (§4.1), and prints unknown-label mAP as
    mean ± std.
@@ -39,7 +40,8 @@ def parse(argv):
     p.add_argument("--lr", type=float, default=2e-3, help="training learning rate (Adam)")
     p.add_argument("--candidates", default="conv9,conv13,conv17",
                    help="pivot layers tried on val (conv9 costs ~2.5x conv13)")
-    p.add_argument("--val-fraction", type=float, default=0.34, help="part of the val split used to pick the layer")
+    p.add_argument("--val-fraction", type=float, default=0.34,
+                   help="part of the val split used to pick the layer (and of the test split its table reports)")
     p.add_argument("--steps", type=int, default=10, help="feedback-prop iterations T")
     p.add_argument("--fp-lr", type=float, default=3e-2, help="feedback-prop update rate (3e-2 was best on val among 1e-2, 3e-2)")
     p.add_argument("--known-fraction", type=float, default=0.8,
@@ -96,8 +98,9 @@ def main(argv=None) -> dict:
     fb = common + ["--ckpt_path", ckpt, "--feedback.steps", str(args.steps), "--feedback.lr", str(args.fp_lr)]
     stage(3, f"choosing the pivot layer on val among {args.candidates} (LF and RF)")
     layers = evaluate.main(fb + ["--run.name", "demo-layers", "--feedback.protocol", "layers",
-                                 "--feedback.split", "val", "--feedback.candidates", f"[{args.candidates}]",
-                                 "--trainer.limit_val_batches", str(args.val_fraction)])
+                                 "--feedback.lr_grid", f"[{args.fp_lr}]", "--feedback.candidates", f"[{args.candidates}]",
+                                 "--trainer.limit_val_batches", str(args.val_fraction),
+                                 "--trainer.limit_test_batches", str(args.val_fraction)])
     best = layers.feedback["best"]["layer"]
     print(f"best pivot on val: {best}")
 

@@ -5,10 +5,12 @@ For each run r (the seed of the 50/10/40 per-category split and of the initialis
 1. train the Baseline with ``train.py --model hierarchical`` (best epoch by ``val/mc_acc``);
 2. choose feedback-prop's update rate λ and number of iterations T on the validation split, for
    LF and RF separately (§4.1: "We determine the update rate parameter and number of iterations
-   using the validation split"): every λ of ``--fp-lr-grid`` is run once with
-   ``--fp-steps`` iterations, and the engine's per-iteration callback gives the scores after
-   every t ≤ T for free; the (λ, t) with the best val MC Acc wins (ties: mAP);
-3. apply the chosen (λ, T) to the trained Baseline on the test split (rows Ours (LF), Ours (RF));
+   using the validation split"), and apply them to the trained Baseline on the test split (rows
+   Ours (LF), Ours (RF)): the ``select`` protocol of ``evaluate.py`` with the true coarse labels as
+   evidence, the one LF/RF path of the project (a Trainer on the training's accelerator, batches
+   streamed from the datamodule).  Every λ of ``--fp-lr-grid`` runs once with ``--fp-steps``
+   iterations (per pivot for LF) and every t ≤ T is read from that run; the (λ, t ≥ 1) with the
+   best val MC Acc wins (ties: mAP, then fewer iterations), and LF is stopped at t on test;
 4. train Baseline + PL and SINN + PL. With ``--warm-start`` (the default without ``--weights``)
    they start from the trained Baseline's trunk, a stand-in for the Places365 AlexNet that all
    models of the paper share (§4.2), and are fine-tuned for ``--pl-epochs`` with ``--head-lr``
@@ -21,13 +23,13 @@ The table reports mean ± std over runs.
         --weights /data/alexnet_places365.pth.tar --num-workers 8 --threads 8     # real SUN397
 
 Writes ``<out>/table1.csv`` (the table), ``<out>/table1_runs.csv`` (every run and row, with the
-chosen λ / T of the LF and RF rows), ``<out>/fp_val_grid.csv`` (val metrics of every λ and t)
-and logs the tables to W&B (offline unless WANDB_MODE says otherwise) under ``<out>/wandb``.
+chosen λ / T of the LF and RF rows), ``<out>/fp_val_grid.csv`` (val metrics of every λ and t),
+the evaluation's own files under ``<out>/run<r>_fp/`` and logs the tables to W&B (offline
+unless WANDB_MODE says otherwise) under ``<out>/wandb``.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -35,7 +37,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -102,137 +103,64 @@ def train_variant(a, out: Path, run: int, variant: str, init: str | None = None)
     return cli, cli.trainer.checkpoint_callback.best_model_path
 
 
-# ---------------------------------------------------------------- feedback-prop on val and test
+# ---------------------------------------------------------------- feedback-prop: λ, T on val, rows on test
 
 
-class _Reached(Exception):
-    """Raised by the callback once the chosen LF iteration is reached: later ones are not needed."""
+def feedback_rows(a, out: Path, run: int, ckpt: str) -> tuple[dict[str, dict], list[dict]]:
+    """LF and RF on the trained Baseline through ``evaluate.py --feedback.protocol select``.
 
-
-def split_batches(dm, split: str, batch_size: int, device) -> tuple[list[tuple], Any]:
-    """``(image, coarse, target)`` batches of a split, loaded once (valid images only)."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    batches = []
-    for b in DataLoader(dm.datasets[split], batch_size=batch_size, shuffle=False, num_workers=0):
-        keep = b["valid"]
-        if keep.any():
-            batches.append((b["image"][keep].to(device), b["coarse"][keep].to(device), b["target"][keep]))
-    if not batches:
-        raise RuntimeError(f"the {split} split has no valid image")
-    return batches, torch.cat([t for _, _, t in batches])
-
-
-def feedback_scores(model, batches, method: str, lr: float, steps: int, stop: int | None = None,
-                    layers: list[str] | None = None) -> dict:
-    """Fine softmax scores ``{t: [N, F]}`` after every feedback-prop iteration t = 1..
-
-    RF: t = 1..steps; LF: t = 1..steps x pivots (Algorithm 1 order, ``steps`` updates per pivot).
-    With ``stop`` only iteration ``stop`` is kept and the run ends there. ``layers``: the pivots
-    (default: the model's ``feedback_layers``, AlexNet conv2-conv5).
+    Returns ``{"lf": choice, "rf": choice}`` (chosen λ, t and the val and test figures) and the
+    val figures of every λ and t ≥ 1.
     """
-    import torch
+    import evaluate
 
-    from topdown.feedback import feedback_prop
-    from topdown.sinn import coarse_known_loss
-
-    hp = model.hparams
-    per_t: dict[int, list] = {}
-    for image, coarse, _ in batches:
-        def record(t, outputs):
-            if t >= 1 and (stop is None or t == stop):
-                per_t.setdefault(t, []).append(model.fine_logits(outputs).float().softmax(-1).cpu())
-            if stop is not None and t >= stop:
-                raise _Reached
-
-        try:
-            feedback_prop(model.net, image, coarse_known_loss(coarse, model.fine_to_coarse), list(layers or hp.feedback_layers),
-                          method=method, steps=steps, lr=lr, optimizer=hp.feedback_optimizer,
-                          weight_decay=hp.feedback_weight_decay, callback=record)
-        except _Reached:
-            pass
-    return {t: torch.cat(v) for t, v in per_t.items()}
-
-
-def select_feedback(model, batches, target, method: str, lrs: list[float], steps: int, criterion: str,
-                    layers: list[str] | None = None):
-    """Grid over λ (one run each) and t ≤ T (the callback): the best val (λ, t) and every val figure."""
-    from topdown.metrics import table1_metrics
-
-    grid = []
-    for lr in lrs:
-        for t, scores in sorted(feedback_scores(model, batches, method, lr, steps, layers=layers).items()):
-            grid.append({"method": method, "lr": lr, "t": t, **table1_metrics(scores, target)})
-    other = "map" if criterion == "mc_acc" else "mc_acc"
-    # ties (frequent for MC Acc on a small val split) go to the other figure, then to fewer iterations
-    best = max(grid, key=lambda g: (round(g[criterion], 6), round(g[other], 6), -g["t"], -g["lr"]))
-    return best, grid
-
-
-def evaluate_feedback(model, batches, target, method: str, lr: float, t: int, steps: int,
-                      layers: list[str] | None = None) -> dict[str, float]:
-    """Test metrics of the chosen (λ, t): RF runs t iterations; LF runs its schedule up to iteration t."""
-    from topdown.metrics import table1_metrics
-
-    if method == "rf":
-        scores = feedback_scores(model, batches, method, lr, t, layers=layers)[t]
-    else:
-        scores = feedback_scores(model, batches, method, lr, steps, stop=t, layers=layers)[t]
-    return table1_metrics(scores, target)
+    criterion = ["mc_acc", "map"] if a.fp_select == "mc_acc" else ["map", "mc_acc"]
+    args = ["--model", "hierarchical", "--ckpt_path", ckpt, *common_flags(a, out), "--run.name", f"run{run}_fp",
+            "--feedback.protocol", "select", "--feedback.method", "both",
+            "--feedback.lr_grid", json.dumps(a.fp_lr_grid), "--feedback.steps", str(a.fp_steps),
+            "--feedback.weight_decay", str(a.fp_weight_decay), "--feedback.select_by", json.dumps(criterion),
+            *a.extra]
+    if a.fp_layers:
+        args += ["--feedback.layers", json.dumps(a.fp_layers)]
+    cli = evaluate.main(args)
+    chosen = {c["method"]: c for c in cli.feedback["selection"]}
+    grid = [{"method": r["method"], "lr": r["lr"], "t": r["iteration"],
+             **{k: r[k] for _, k in COLUMNS}} for r in cli.feedback["val_callback"].records if r["iteration"] >= 1]
+    return chosen, grid
 
 
 # ---------------------------------------------------------------- table
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single run)."""
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, 0.0
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-
-
 def summarize(results: dict[str, list[dict[str, float]]]) -> list[list[str]]:
-    """Table 1 rows ``[label, "mean±std", ...]`` in the paper's order, for the rows present."""
+    """Table 1 rows ``[label, "mean±std", ...]`` in the paper's order, for the rows present
+    (mean ± sample std over runs, :func:`topdown.evidence.mean_std`)."""
+    from topdown.evidence import fmt, mean_std
+
     table = []
     for label, _, _ in ROWS:
         if label not in results:
             continue
         cells = [label]
         for _, key in COLUMNS:
-            m, s = mean_std([r[key] for r in results[label]])
-            cells.append(f"{m:.2f}±{s:.2f}")
+            m = mean_std(r[key] for r in results[label])
+            cells.append(fmt(m.mean, m.std, scale=1.0) if m.count > 1 else f"{m.mean:.2f}")
         table.append(cells)
     return table
 
 
-def format_table(table: list[list[str]], title: str) -> str:
-    header = ["", *(c for c, _ in COLUMNS)]
-    widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return "\n".join([title, line(header), *(line(r) for r in table)])
-
-
-def write_csv(path: Path, rows: list[dict], fields) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(fields))
-        w.writeheader()
-        w.writerows(rows)
-
-
 def write_csvs(out: Path, table: list[list[str]], raw: list[dict], grid: list[dict]) -> None:
-    with open(out / "table1.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["", *(c for c, _ in COLUMNS)])
-        w.writerows(table)
+    from topdown.evidence import write_csv
+
+    header = ["", *(c for c, _ in COLUMNS)]
+    write_csv(out / "table1.csv", [dict(zip(header, row)) for row in table], header)
     write_csv(out / "table1_runs.csv", raw, RUN_FIELDS)
     if grid:
-        write_csv(out / "fp_val_grid.csv", grid, list(grid[0]))
+        write_csv(out / "fp_val_grid.csv", grid)
 
 
 def log_wandb(out: Path, table: list[list[str]], raw: list[dict], config: dict) -> None:
-    from lightning_modules.cli import make_wandb_logger
+    from lightning_modules.cli import finish_wandb, make_wandb_logger
 
     # The run folders' W&B set-up: offline unless asked, cache and config kept beside the runs.
     logger = make_wandb_logger(out, "table1", config.get("wandb_project", "topdown"),
@@ -240,7 +168,7 @@ def log_wandb(out: Path, table: list[list[str]], raw: list[dict], config: dict) 
     logger.log_hyperparams(config)
     logger.log_table("table1", columns=["", *(c for c, _ in COLUMNS)], data=table)
     logger.log_table("table1_runs", columns=list(RUN_FIELDS), data=[[r.get(k, math.nan) for k in RUN_FIELDS] for r in raw])  # one type per column
-    logger.experiment.finish()
+    finish_wandb(logger.experiment)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -271,6 +199,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fp-layers", nargs="+", default=None,
                    help="pivots (default: the model's feedback_layers, AlexNet conv2-conv5 as in §4.2)")
     p.add_argument("--fp-select", choices=("mc_acc", "map"), default="mc_acc", help="val figure that picks (λ, T)")
+    p.add_argument("--fp-weight-decay", type=float, default=0.0, help="weight decay of the Adam updates of the pivots")
     p.add_argument("--out", default="runs/table1")
     p.add_argument("--wandb-train", action="store_true", help="also log every training run to W&B")
     p.add_argument("--no-wandb", action="store_true", help="do not log the table to W&B")
@@ -312,20 +241,16 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
         t = time.perf_counter()
         cli, ckpt = train_variant(a, out, run, "baseline")
         add(run, "Baseline", test_metrics(cli), time.perf_counter() - t)
+        del cli
 
-        model = cli.model.eval()  # the test stage loaded the best checkpoint into it
-        val, val_target = split_batches(cli.datamodule, "val", 64, model.device)
-        test, test_target = split_batches(cli.datamodule, "test", 64, model.device)
+        t = time.perf_counter()
+        chosen, grid = feedback_rows(a, out, run, ckpt)
+        seconds = time.perf_counter() - t  # val grid and test of both methods, together
+        val_grid += [{"run": run, **g} for g in grid]
         for method in ("lf", "rf"):
-            t = time.perf_counter()
-            best, grid = select_feedback(model, val, val_target, method, a.fp_lr_grid, a.fp_steps, a.fp_select,
-                                         a.fp_layers)
-            val_grid += [{"run": run, **g} for g in grid]
-            metrics = evaluate_feedback(model, test, test_target, method, best["lr"], best["t"], a.fp_steps,
-                                        a.fp_layers)
-            add(run, f"Ours ({method.upper()})", metrics, time.perf_counter() - t, fp_lr=best["lr"], fp_T=best["t"],
-                val_mc_acc=round(best["mc_acc"], 4), val_map=round(best["map"], 4))
-        del cli, model, val, test
+            c = chosen[method]
+            add(run, f"Ours ({method.upper()})", {k: c[f"test_{k}"] for _, k in COLUMNS}, seconds, fp_lr=c["lr"],
+                fp_T=c["iteration"], val_mc_acc=round(c["val_mc_acc"], 4), val_map=round(c["val_map"], 4))
 
         for variant in ("baseline_pl", "sinn_pl"):
             t = time.perf_counter()
@@ -343,7 +268,9 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     pl = f"PL models warm-started, {a.pl_epochs} epochs" if a.warm_start else "PL models from scratch"
     title = (f"Table 1 — {data}, {a.runs} run(s), Baseline {a.epochs} epochs at {a.image_size}px, {pl}, "
              f"feedback-prop (λ, T) chosen on val by {a.fp_select}, wall {wall / 60:.1f} min")
-    print(format_table(table, title), flush=True)
+    from topdown.evidence import text_table
+
+    print(text_table(["", *(c for c, _ in COLUMNS)], table, title), flush=True)
     for method in ("LF", "RF"):
         chosen = [f"run {r['run']}: λ {r['fp_lr']:g}, T {r['fp_T']}" for r in raw if r["row"] == f"Ours ({method})"]
         print(f"chosen {method}: " + "; ".join(chosen), flush=True)

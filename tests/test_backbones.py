@@ -38,16 +38,58 @@ def meta(name: str) -> nn.Module:
 
 def test_paper_layer_names():
     r18, r50 = meta("resnet18"), meta("resnet50")
-    assert paper_layer_names(r18) == {"conv1": "conv1", "conv5": "layer1", "conv9": "layer2",
-                                      "conv13": "layer3", "conv17": "layer4"}
-    assert paper_layer_names(r50) == {"conv1": "conv1", "conv10": "layer1", "conv22": "layer2",
-                                      "conv40": "layer3", "conv49": "layer4"}
+    n18, n50 = paper_layer_names(r18), paper_layer_names(r50)
+    assert list(n18) == [f"conv{k}" for k in range(1, 18)] and list(n50) == [f"conv{k}" for k in range(1, 50)]
+    # Tables 3-5 and §6: the stem and the stage ends
+    assert {k: n18[k] for k in ("conv1", "conv5", "conv9", "conv13", "conv17")} == {
+        "conv1": "relu", "conv5": "layer1", "conv9": "layer2", "conv13": "layer3", "conv17": "layer4"}
+    assert {k: n50[k] for k in ("conv1", "conv10", "conv22", "conv40", "conv49")} == {
+        "conv1": "relu", "conv10": "layer1", "conv22": "layer2", "conv40": "layer3", "conv49": "layer4"}
+    # inside residual blocks: Figure 4's ResNet-18 conv10 and §5's ResNet-50 conv20
+    assert n18["conv10"] == "layer3.0.relu#0" and n18["conv11"] == "layer3.0" and n18["conv12"] == "layer3.1.relu#0"
+    assert n50["conv20"] == "layer2.3.relu#0" and n50["conv21"] == "layer2.3.relu#1"
     vgg16 = meta("vgg16")
     vgg = paper_layer_names(vgg16)
     assert len(vgg) == 13 and vgg["conv1"] == "features.1" and vgg["conv13"] == "features.29"
     assert all(isinstance(vgg16.get_submodule(m), nn.ReLU) for m in vgg.values())
     alex = paper_layer_names(meta("alexnet"))
     assert alex == {f"conv{i + 1}": f"features.{j}" for i, j in enumerate([1, 4, 7, 9, 11])}
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_paper_names_are_the_activation_after_each_conv(arch):
+    """convK = the K-th conv (forward order, shortcuts not counted) after its batch norm and ReLU,
+    with the shortcut added first at the end of a block: computed here from the convs' raw outputs."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    torch.manual_seed(0)
+    net = torchvision.models.get_model(arch).eval()
+    convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d) and "downsample" not in n]
+    raw, block_in, calls = {}, {}, {}
+    for name, m in net.named_modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(lambda mod, a, o, name=name: raw.__setitem__(name, o))
+        if isinstance(m, (BasicBlock, Bottleneck)):
+            m.register_forward_pre_hook(lambda mod, a, name=name: block_in.__setitem__(name, a[0]))
+        m.register_forward_hook(lambda mod, a, o, name=name: calls.setdefault(name, []).append(o))
+    with torch.no_grad():
+        net(torch.randn(1, 3, 32, 32))
+        names = paper_layer_names(net)
+        assert len(names) == len(convs) == (17 if arch == "resnet18" else 49)
+        for k, conv in enumerate(convs, 1):
+            block_name, _, leaf = conv.rpartition(".")
+            if not block_name:  # the stem
+                want = torch.relu(net.bn1(raw[conv]))
+            else:
+                block = net.get_submodule(block_name)
+                j = int(leaf.removeprefix("conv"))
+                want = getattr(block, f"bn{j}")(raw[conv])
+                if not hasattr(block, f"conv{j + 1}"):  # the block's last conv: the shortcut, then the ReLU
+                    x = block_in[block_name]
+                    want = want + (block.downsample(x) if block.downsample is not None else x)
+                want = torch.relu(want)
+            module, _, call = names[f"conv{k}"].partition("#")
+            torch.testing.assert_close(calls[module][int(call or 0)], want, msg=f"conv{k} -> {names[f'conv{k}']}")
 
 
 def test_alexnet_conv_maps_have_the_papers_flow_size():
@@ -70,8 +112,12 @@ def test_paper_names_resolve_inside_a_wrapper_and_bad_names_are_named():
     assert resolve_layer(w, "conv13") == "trunk.layer3"
     assert resolve_layer(w, "trunk.layer2") == "trunk.layer2"
     assert resolve_layer(w, "input") == "input"
-    with pytest.raises(ValueError, match="conv14.*conv13"):
-        resolve_layer(w, "conv14")
+    assert resolve_layer(w, "conv10") == "trunk.layer3.0.relu#0"
+    assert resolve_layer(w, "trunk.layer3.0.relu#1") == "trunk.layer3.0.relu#1"
+    with pytest.raises(ValueError, match="conv18.*conv1"):
+        resolve_layer(w, "conv18")
+    with pytest.raises(ValueError, match="must be a number"):
+        resolve_layer(w, "trunk.layer3.0.relu#x")
 
 
 def test_weights_from_a_local_file_skip_the_old_head(tmp_path):
@@ -81,6 +127,27 @@ def test_weights_from_a_local_file_skip_the_old_head(tmp_path):
     net = build_backbone("resnet18", 3, weights=str(path))
     torch.testing.assert_close(net.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
     assert net.fc.out_features == 3
+    report = net.topdown_weights
+    assert report.complete and len(report.loaded) == len(source.state_dict()) and not report.unused
+    assert "loaded 122 tensors" in str(report)
+
+
+def test_an_incomplete_trunk_is_an_error_unless_partial_loading_is_asked_for(tmp_path):
+    source = torchvision.models.resnet18().state_dict()
+    kept = {k: v for k, v in source.items() if not k.startswith("layer4.")}  # most of the file matches
+    kept["conv1.weight"] = torch.zeros(64, 3, 5, 5)  # and one tensor has another shape
+    kept["extra.weight"] = torch.zeros(2)
+    torch.save(kept, tmp_path / "part.pth")
+    missing = sum(1 for k in source if k.startswith("layer4.") and not k.endswith("num_batches_tracked"))
+    with pytest.raises(ValueError, match=rf"{missing} trunk tensors missing \(layer4.*1 with other shapes \(conv1.weight "
+                                         r"\(64, 3, 5, 5\) in the file vs \(64, 3, 7, 7\).*partial_weights"):
+        build_backbone("resnet18", 3, weights=str(tmp_path / "part.pth"))
+    with pytest.warns(UserWarning, match=f"partial weights.*{missing} trunk tensors missing"):
+        net = build_backbone("resnet18", 3, weights=str(tmp_path / "part.pth"), partial_weights=True)
+    report = net.topdown_weights
+    assert not report.complete and report.unused == ["extra.weight"] and len(report.missing) == missing
+    torch.testing.assert_close(net.layer3[1].conv2.weight, source["layer3.1.conv2.weight"])
+    assert not torch.equal(net.conv1.weight, torch.zeros(64, 3, 7, 7))
 
 
 def test_dataparallel_prefixes_are_stripped(tmp_path):

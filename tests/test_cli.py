@@ -68,7 +68,7 @@ def test_training_run_writes_checkpoints_logs_and_wandb(trained_run):
     run_dir = trained_run.run_dir
     assert run_dir == Path(trained_run.config.run.root) / "multilabel" / "version_0"
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
-    assert "last.ckpt" in ckpts and len(ckpts) == 3, ckpts  # one per epoch + last
+    assert "last.ckpt" in ckpts and len(ckpts) == 2, ckpts  # the best and the last (every epoch: --run.checkpoints all)
     rows = read_metrics(run_dir)
     assert 0.0 <= last_value(rows, "test/map") <= 1.0
     assert last_value(rows, "test/skipped") == 0
@@ -93,6 +93,26 @@ def test_evaluate_reproduces_test_map_from_checkpoint(trained_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_checkpoint_alone_is_enough_to_evaluate(trained_run, tmp_path):
+    """No run folder beside it and no pretrained weights file on this machine: the checkpoint
+    holds the config it was trained with and every weight."""
+    import torch
+
+    best = trained_run.trainer.checkpoint_callback.best_model_path
+    ckpt = torch.load(best, map_location="cpu", weights_only=False)
+    assert ckpt["topdown_config"]["model"]["init_args"]["lr"] == pytest.approx(0.000321)
+    ckpt["topdown_config"]["model"]["init_args"]["weights"] = str(tmp_path / "gone" / "imagenet_r18.pth")
+    alone = tmp_path / "copied" / "model.ckpt"
+    alone.parent.mkdir()
+    torch.save(ckpt, alone)
+    cli = evaluate.main(["--model", "multilabel", "--ckpt_path", str(alone), "--run.root", str(tmp_path / "runs"),
+                         "--run.wandb", "false", "--trainer.enable_progress_bar", "false"])
+    assert cli.model.hparams.weights is None and cli.model.hparams.lr == pytest.approx(0.000321)
+    expected = last_value(read_metrics(trained_run.run_dir), "test/map")
+    assert last_value(read_metrics(cli.run_dir), "test/map") == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.slow
 def test_corrupt_and_missing_images_are_skipped_and_counted(tiny_scenes, trained_run, tmp_path):
     root = tmp_path / "scenes"
     shutil.copytree(tiny_scenes, root, symlinks=False)
@@ -107,3 +127,10 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(tiny_scenes, trained
                              "--run.root", str(tmp_path / "runs"), "--run.wandb", "false",
                              "--trainer.enable_progress_bar", "false"])
     assert last_value(read_metrics(cli.run_dir), "test/skipped") == 2
+    # feedback-prop counts and reports them too
+    with pytest.warns(UserWarning, match="feedback-prop on test: 2 images were missing or corrupt"):
+        fp = evaluate.main(["--model", "multilabel", "--ckpt_path", best, "--data.root", str(root),
+                            "--run.root", str(tmp_path / "runs"), "--run.wandb", "false",
+                            "--trainer.enable_progress_bar", "false", "--feedback.layers", "[conv17]",
+                            "--feedback.steps", "1"])
+    assert last_value(read_metrics(fp.run_dir), "fp/skipped") == 2 and fp.feedback["callback"].skipped == 2

@@ -120,6 +120,24 @@ def test_vocab_file_is_written_then_read_back(root, tmp_path):
     assert names[:, 0].sum() > 0 and names.shape[1] == 3
 
 
+def test_vocabulary_and_labels_are_rebuilt_when_the_caption_pipeline_changes(root, monkeypatch):
+    import topdown.text
+
+    first = _dm(root).vocabulary
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _dm(root).vocabulary == first  # same settings: the caches are reused silently
+    # a new stop word (the most frequent word) must not come back from the old cache
+    monkeypatch.setattr(topdown.text, "STOP_WORDS", topdown.text.STOP_WORDS | {first[0]})
+    with pytest.warns(UserWarning, match="building the vocabulary .*vocab_40.txt again: it was built with other"):
+        dm = _dm(root)
+        again = dm.vocabulary
+    assert first[0] not in again and len(again) == 40
+    assert dm.split_labels("train").shape[1] == 40
+    y = topdown.text.labels_from_captions([["A " + again[0] + "."]], again)
+    assert y[0, 0] == 1
+
+
 def test_scenes_module_builds_an_empty_root_on_demand(tmp_path):
     dm = ScenesMultiLabelDataModule(root=str(tmp_path / "fresh"), num_images=20, size=32, vocab_size=10,
                                     image_size=32, num_workers=0)
@@ -149,3 +167,20 @@ def test_image_transform_normalises_and_flips_only_in_training():
     torch.manual_seed(0)
     flips = [image_transform(16, train=True)(img)[0, 0, 0] < 0 for _ in range(20)]
     assert 0 < sum(flips) < 20
+
+
+def test_reference_preprocessing_resizes_the_short_side_then_crops():
+    from PIL import Image
+
+    arr = np.zeros((256, 512, 3), np.uint8)
+    arr[:, 240:272] = 255  # a white band in the middle, cut by neither crop
+    img = Image.fromarray(arr)
+    evaluation = image_transform(224, train=False, preprocess="resize_crop")(img)
+    assert evaluation.shape == (3, 224, 224)
+    # short side 256 -> 256 x 512, centre crop 224: the band stays in the middle, the sides are gone
+    assert evaluation[0, :, 96:128].mean() > 1.5 and evaluation[0, :, :80].mean() < -1.5
+    square = image_transform(224, train=False)(img)  # the whole width squeezed in
+    assert square[0, :, 105:119].mean() > 1.5 and (square[0, 0] > 0).sum() < (evaluation[0, 0] > 0).sum()
+    assert image_transform(224, train=True, preprocess="resize_crop")(img).shape == (3, 224, 224)
+    with pytest.raises(ValueError, match="resize_size 200 is smaller"):
+        image_transform(224, train=False, preprocess="resize_crop", resize_size=200)

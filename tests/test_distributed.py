@@ -68,7 +68,8 @@ def test_ddp_test_map_equals_single_process(tiny_scenes, trained_run, tmp_path):
 
 def test_resume_after_sigkill_continues_run_and_wandb_id(tiny_scenes, tmp_path):
     runs = tmp_path / "runs"
-    args = tiny_multilabel_args(tiny_scenes, runs) + ["--trainer.max_epochs", "2", "--run.test_after_fit", "false"]
+    args = tiny_multilabel_args(tiny_scenes, runs) + ["--trainer.max_epochs", "2", "--run.test_after_fit", "false",
+                                                      "--run.checkpoints", "all"]
     proc = run_entry("train.py", args, tmp_path)
     first_epoch = None
     deadline = time.monotonic() + 180

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from topdown.backbones import build_backbone
-from topdown.feedback import feedback_prop, multiclass_known_loss, multilabel_known_loss
+from topdown.feedback import StopFeedback, feedback_prop, multiclass_known_loss, multilabel_known_loss
+from topdown.layers import resolve_layer
 
 
 class Net(nn.Module):
@@ -57,48 +58,55 @@ def _resnet(k=6, seed=0, dtype=torch.float64):
     return build_backbone("resnet18", k).to(dtype).eval()
 
 
+def _on_call(model, name, fn):
+    """Hook ``fn(out)`` on one call of a module, ``"name"`` or ``"name#k"`` (k-th call of a forward pass)."""
+    module, _, k = name.partition("#")
+    k, count = int(k or 0), [0]
+    handles = [model.register_forward_pre_hook(lambda *a: count.__setitem__(0, 0))]  # a new pass
+
+    def hook(mod, a, out):
+        count[0] += 1
+        return fn(out) if count[0] - 1 == k else None
+
+    handles.append(model.get_submodule(module).register_forward_hook(hook))
+    return handles
+
+
 def _naive(model, x, loss, layers, method, steps, lr):
-    """Algorithms 1 and 2 written plainly: hooks on the pivots and a full forward every time."""
-    mods = [model.get_submodule(n) for n in layers]
+    """Algorithms 1 and 2 written plainly: hooks on the pivot calls and a full forward every time."""
     params = [p.requires_grad_(False) for p in model.parameters()]
+    hooks = []
     try:
         if method == "rf":
             rs = {}
-            hooks = [m.register_forward_hook(lambda mod, a, o, i=i: o + rs.setdefault(i, torch.zeros_like(o, requires_grad=True)))
-                     for i, m in enumerate(mods)]
+            for i, name in enumerate(layers):
+                hooks += _on_call(model, name, lambda o, i=i: o + rs.setdefault(i, torch.zeros_like(o, requires_grad=True)))
             model(x)
             opt = torch.optim.Adam(list(rs.values()), lr=lr)
             for _ in range(steps):
                 opt.zero_grad()
                 loss(model(x)).sum().backward()
                 opt.step()
-            out = model(x).detach()
-            for h in hooks:
-                h.remove()
-            return out
+            return model(x).detach()
         values = {}
-        for i, m in enumerate(mods):
-            hooks = [mods[j].register_forward_hook(lambda mod, a, o, j=j: values[j]) for j in range(i)]
+        for i, name in enumerate(layers):
             o = {}
-            h = m.register_forward_hook(lambda mod, a, out: o.setdefault("a", out.detach().clone().requires_grad_()))
+            h = _on_call(model, name, lambda out: o.setdefault("a", out.detach().clone().requires_grad_()))
             model(x)
-            h.remove()
+            for handle in h:
+                handle.remove()
             values[i] = o["a"]
-            hooks.append(m.register_forward_hook(lambda mod, a, out, i=i: values[i]))
+            hooks += _on_call(model, name, lambda out, i=i: values[i])
             opt = torch.optim.Adam([values[i]], lr=lr)
             for _ in range(steps):
                 opt.zero_grad()
                 loss(model(x)).sum().backward()
                 opt.step()
-            for h in hooks:
-                h.remove()
             values[i] = values[i].detach()
-        hooks = [mods[j].register_forward_hook(lambda mod, a, o, j=j: values[j]) for j in range(len(mods))]
-        out = model(x).detach()
+        return model(x).detach()
+    finally:
         for h in hooks:
             h.remove()
-        return out
-    finally:
         for p in params:
             p.requires_grad_(True)
 
@@ -112,6 +120,22 @@ def test_matches_plain_algorithm(method):
     got = feedback_prop(model, x, loss, layers, method=method, steps=4, lr=0.05)
     want = _naive(model, x, loss, layers, method, steps=4, lr=0.05)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["lf", "rf"])
+@pytest.mark.parametrize("layers", [
+    ["conv6", "conv10"],                         # paper names inside blocks (Figure 4's ResNet-18 conv10)
+    ["layer2.0.relu#0", "layer2.0.relu#1"],      # two calls of one module
+    ["layer2.0.conv2", "layer2.0.relu#1"],       # a pivot call of a module whose first call is cached
+])
+def test_pivots_inside_residual_blocks_match_plain_algorithm(method, layers):
+    model, (x, known, values) = _resnet(), _data(b=2, size=16)
+    loss = multilabel_known_loss(known, values)
+    got = feedback_prop(model, x, loss, layers, method=method, steps=3, lr=0.05)
+    want = _naive(model, x, loss, [resolve_layer(model, n) for n in layers], method, steps=3, lr=0.05)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    with torch.no_grad():
+        assert not torch.allclose(got, model(x))
 
 
 @pytest.mark.parametrize("method", ["lf", "rf"])
@@ -240,8 +264,28 @@ def test_layer_names():
         feedback_prop(model, x, loss, ["conv99"])
     with pytest.raises(ValueError, match="topological"):
         feedback_prop(model, x, loss, ["layer3", "layer2"])
-    with pytest.raises(ValueError, match="relu' is called 2 times"):
+    with pytest.raises(ValueError, match=r"relu' is called 2 times.*'layer1.0.relu#k', k = 0..1"):
         feedback_prop(model, x, loss, ["layer1.0.relu"])  # a block's ReLU runs twice
+    with pytest.raises(ValueError, match="calls are #0..#1"):
+        feedback_prop(model, x, loss, ["layer1.0.relu#2"])
+    with pytest.raises(ValueError, match="same module call twice"):
+        feedback_prop(model, x, loss, ["layer1.0.relu", "layer1.0.relu#0"])
+
+
+@pytest.mark.parametrize("method", ["lf", "rf"])
+def test_callback_can_stop_the_schedule_at_an_iteration(method):
+    model, (x, known, values) = _net(), _data()
+    loss = multilabel_known_loss(known, values)
+    seen = {}
+    feedback_prop(model, x, loss, ["stem", "block1"], method=method, steps=3, lr=0.05,
+                  callback=lambda t, o: seen.__setitem__(t, o))
+
+    def stop_at_2(t, o):
+        if t == 2:
+            raise StopFeedback
+
+    got = feedback_prop(model, x, loss, ["stem", "block1"], method=method, steps=3, lr=0.05, callback=stop_at_2)
+    assert torch.equal(got, seen[2]) and not torch.equal(got, seen[max(seen)])
 
 
 def test_bad_method_and_optimizer():
@@ -284,7 +328,8 @@ def test_non_finite_raises(method):
 
 
 class InPlacePrefix(Net):
-    """Changes a cached module output in place with plain tensor code: the cache must not be reused."""
+    """Changes a module output in place with plain tensor code before the pivot (as a residual
+    block's ``out += identity``): that module is recomputed, the rest of the prefix stays cached."""
 
     def forward(self, x):
         h = self.stem(x)
@@ -293,14 +338,32 @@ class InPlacePrefix(Net):
         return self.head(self.block2(h).mean((2, 3)))
 
 
+class InPlaceAfterPivot(Net):
+    """Changes a cached prefix tensor in place after the pivot: the cache must not be reused."""
+
+    def forward(self, x):
+        h = self.stem(x)
+        a = self.block1(h)
+        h.mul_(0.5)
+        h = torch.relu(a + h)
+        return self.head(self.block2(h).mean((2, 3)))
+
+
 @pytest.mark.parametrize("method", ["lf", "rf"])
-def test_in_place_prefix_falls_back(method):
-    model, (x, known, values) = _net(InPlacePrefix), _data()
-    loss = multilabel_known_loss(known, values)
+def test_in_place_changes_of_the_prefix(method):
+    loss = multilabel_known_loss(*_data()[1:])
+    x = _data()[0]
+    model = _net(InPlacePrefix)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = feedback_prop(model, x, loss, ["block1", "block2"], method=method, steps=3, lr=0.05)
+    torch.testing.assert_close(got, _naive(model, x, loss, ["block1", "block2"], method, steps=3, lr=0.05),
+                               rtol=0, atol=1e-10)
+    model = _net(InPlaceAfterPivot)
     with pytest.warns(RuntimeWarning, match="in place"):
         got = feedback_prop(model, x, loss, ["block1", "block2"], method=method, steps=3, lr=0.05)
-    want = _naive(model, x, loss, ["block1", "block2"], method, steps=3, lr=0.05)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    torch.testing.assert_close(got, _naive(model, x, loss, ["block1", "block2"], method, steps=3, lr=0.05),
+                               rtol=0, atol=1e-10)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the in-place op is before the pivot here: no fallback
-        feedback_prop(model, x, loss, ["stem"], method=method, steps=2)
+        warnings.simplefilter("error")  # the in-place op is after the pivot's own call: no fallback
+        feedback_prop(_net(InPlacePrefix), x, loss, ["stem"], method=method, steps=2)

@@ -39,7 +39,7 @@ def single_run(tiny_scenes, fp_checkpoint, tmp_path_factory):
     runs = tmp_path_factory.mktemp("fp-single")
     return evaluate.main(eval_args(tiny_scenes, runs, fp_checkpoint) + [
         "--feedback.method", "rf", "--feedback.layers", "[conv17]", "--feedback.steps", "3",
-        "--feedback.lr", "0.01", "--feedback.unknown_file", str(runs / "unknown.txt")])
+        "--feedback.lr", "0.01", "--feedback.iterations", "all", "--feedback.unknown_file", str(runs / "unknown.txt")])
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -95,25 +95,45 @@ def test_callback_runs_under_default_inference_mode(single_run, tmp_path):
     trainer.test(model, datamodule=dm)
     assert seen and all(seen), "the test loop was expected to run under inference mode"
     assert single_run.trainer.test_loop.inference_mode is False  # evaluate.py turns it off for feedback-prop
-    assert len(cb.records) == 2 * 3 and cb.summary[0]["draws"] == 2
+    # by default only the reported iteration is kept, besides t = 0
+    assert [r["iteration"] for r in cb.records] == [0, 2, 0, 2] and cb.summary[0]["draws"] == 2
     assert (tmp_path / "fp_test_summary.csv").is_file()
     # same iteration-0 scores whatever the trainer's inference mode
     ref = single_run.feedback["callback"].records[0]["map_unknown"]
     assert cb.records[0]["map_unknown"] == pytest.approx(ref, abs=1e-5)
+    # a metric state over the budget is refused before the first batch
+    small = FeedbackPropCallback([FeedbackSetting("lf", ("conv17",), 0.01, 2)], unknown, draws, max_state_gb=1e-4)
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[small],
+                      default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"needs 0.0\d GB of metric state, over max_state_gb=0.0001"):
+        trainer.test(model, datamodule=dm)
 
 
 @pytest.mark.slow
-def test_invalid_rows_are_skipped(single_run, tmp_path):
+def test_invalid_rows_are_skipped_counted_and_state_stays_on_the_host(single_run):
     dm, model = single_run.datamodule, single_run.model
     unknown = single_run.feedback["unknown"]
-    cb = FeedbackPropCallback(FeedbackSetting("rf", ("conv17",), 0.01, 1), unknown, out_dir=None)
-    cb._build(dm.num_labels, torch.device("cpu"))
-    cb._start(model)
+    draws = known_label_draws(unknown, dm.num_labels, 3, draws=3, seed=1)
+    # max_samples 4 < 3 valid rows x 3 draws: the draws run in several calls, the figures do not change
+    cbs = [FeedbackPropCallback(FeedbackSetting("rf", ("conv17",), 0.01, 2), unknown, draws, max_samples=m)
+           for m in (4, 64)]
     batch = next(iter(dm.test_dataloader()))
     batch["valid"] = torch.zeros_like(batch["valid"])
     batch["valid"][:3] = True
-    cb.evaluate_batch(model, batch)
-    assert cb.metrics[0][0].scores[-1].shape[0] == 3
+    results = []
+    for cb in cbs:
+        cb.evidence.setup(model)
+        cb._reset()
+        cb.evaluate_batch(model, batch)
+        # only the reported iteration (t = 2) is kept per draw, besides t = 0 once, all in host memory
+        assert sorted(cb._kept) == [(0, d, 2) for d in range(3)]
+        assert all(t.device.type == "cpu" and t.shape == (3, len(unknown) + 3) for v in cb._kept.values() for t in v)
+        assert cb._plain[0].shape == (3, dm.num_labels)
+        results.append(cb.compute(None, model))
+    (records, skipped), (ref, _) = results
+    assert skipped == len(batch["valid"]) - 3
+    for a, b in zip(records, ref):
+        assert a["map_unknown"] == pytest.approx(b["map_unknown"], abs=1e-6)
 
 
 @pytest.mark.slow
@@ -130,7 +150,7 @@ def test_ddp_gives_the_single_process_figures(tiny_scenes, fp_checkpoint, tmp_pa
                                             "--trainer.devices", "2", "--trainer.strategy", "ddp"], tmp_path))
     ddp = read_csv(newest_run(tmp_path / "runs", "ddp") / "fp_single_test_iterations.csv")
     ref = read_csv(single.run_dir / "fp_single_test_iterations.csv")
-    assert len(ddp) == len(ref) == 2 * 3
+    assert len(ddp) == len(ref) == 2 * 2  # 2 draws x (t = 0, t = T)
     for a, b in zip(ddp, ref):
         assert float(a["map_unknown"]) == pytest.approx(float(b["map_unknown"]), abs=1e-5)
         assert float(a["map_known"]) == pytest.approx(float(b["map_known"]), abs=1e-5)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from topdown.generators import (ConvFeatures, FlowLayout, GeneratorBank, GeneratorModel, GeneratorWarp, PCAStats,
+from topdown.generators import (ConvFeatures, FlowLayout, GeneratorBank, GeneratorModel, PCAStats,
                                 RegressionStats, WarpErrorStats, basis_matrix, evaluate_bank, invert_flow,
                                 normalized_amount, warp_features)
 
@@ -184,23 +184,6 @@ def test_exact_inverse_beats_negation_on_smooth_field():
     assert (xs + disp[0] + ru - xs)[6:-6, 6:-6].abs().max() < 0.05
 
 
-def test_generator_warp_module():
-    flow = torch.zeros(2, 6, 6)
-    flow[0] = 1.0
-    mod = GeneratorWarp(flow, p=1.0)
-    x = torch.rand(3, 2, 6, 6, requires_grad=True)
-    assert mod.eval()(x) is x  # identity at evaluation
-    y = mod.train()(x)
-    assert torch.allclose(y, warp_features(x, flow))
-    y.sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
-    big = mod(torch.rand(1, 2, 12, 12))  # flow resized, u doubled: a 2-pixel shift
-    assert big.shape == (1, 2, 12, 12)
-    assert torch.allclose(mod._flows_for(12, 12)[0, 0], torch.full((12, 12), 2.0))
-    bank = _tiny_bank()
-    assert GeneratorWarp.from_bank(bank, "conv5", [("rotation", 10), ("scale", 1.3)]).flows.shape == (2, 2, 3, 3)
-
-
 def test_evaluate_bank_reports_generator_below_no_warp():
     layout = FlowLayout(("conv5",), ((8, 8),))
     vec = torch.zeros(layout.dim, dtype=torch.float64)
@@ -248,7 +231,9 @@ def test_end_to_end_tiny_fit(tmp_path):
     assert trainer.current_epoch == 2  # stopped by itself after PCA + regression
     bank = GeneratorBank.load(run / BANK_FILE)
     assert bank.kinds == ["rotation"] and bank.models["rotation"].info["pairs_pca"] == 6
-    assert bank.models["rotation"].info["pairs_regression"] == 12 and bank.models["rotation"].basis.shape[1] == 3
+    assert bank.models["rotation"].info["pairs_regression"] == 24  # 12 pairs, each also reversed
+    assert bank.models["rotation"].basis.shape[1] == 3
+    assert bank.models["rotation"].fitted_range == (-30.0, 30.0)
     trainer.test(model, datamodule=dm, ckpt_path=str(run / "checkpoints" / "last.ckpt"))
     with open(run / TABLE_FILE) as fh:
         rows = list(csv.DictReader(fh))
@@ -267,7 +252,7 @@ from lightning_modules.generators import GeneratorsModule
 root, run = sys.argv[1], sys.argv[2]
 seed_everything(0)
 dm = PairsDataModule(root=root, transform="rotation", rotation_step=120, rotation_amounts=[10, 30], image_size=64,
-                     batch_size=2, max_images=3)
+                     batch_size=2, max_images=3, reverse=False)  # sharding does not depend on the reversal
 model = GeneratorsModule(num_components=2, flow_kwargs={"levels": 2, "top_wsize": 3, "top_iters": 10, "iters": 5})
 trainer = Trainer(max_epochs=-1, reload_dataloaders_every_n_epochs=1, use_distributed_sampler=False, logger=False,
                   default_root_dir=run, enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
@@ -302,3 +287,85 @@ def test_two_ddp_processes_give_the_same_bank_as_one(tmp_path):
     one, two = banks
     assert one.info["pairs_pca"] == two.info["pairs_pca"] == 9 and two.info["pairs_regression"] == 18
     assert torch.allclose(one.basis, two.basis, atol=1e-9) and torch.allclose(one.w, two.w, atol=1e-9)
+
+
+def _rotation_like_flows(seed=0, d=200, originals=12):
+    """Per-original displacement fields of a rotation by θ: sinθ·Jx (odd) + e_j(cosθ - 1)·x (even)."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.randn(d // 2, 2, generator=g, dtype=torch.float64) * 3
+    rot = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)
+    strengths = 1 + 0.5 * torch.randn(originals, generator=g, dtype=torch.float64)
+
+    def flow(theta, e, noise=0.01):
+        t = math.radians(theta)
+        field = math.sin(t) * (xy @ rot.T) + (math.cos(t) - 1) * e * xy
+        return field.T.reshape(-1) + noise * torch.randn(d, generator=g, dtype=torch.float64)
+
+    return flow, strengths
+
+
+def test_bank_fitted_on_both_signs_interpolates_minus_30():
+    """PCA of the +10° flows, regression over ±10..60° (reversed pairs): G[-30°] is an interpolation."""
+    from topdown.generators import inverse_amount
+
+    flow, strengths = _rotation_like_flows()
+    pca = PCAStats.zeros(200)
+    for e in strengths:
+        pca.update(flow(10.0, e)[None])
+    mean, comps, _ = pca.components(4)
+    basis = torch.cat((mean[:, None], comps), dim=1)
+    forward = [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]
+
+    def fit(amounts):
+        reg = RegressionStats.zeros(basis.shape[1])
+        for e in strengths:
+            for a in amounts:
+                reg.update(flow(a, e)[None], torch.tensor([normalized_amount("rotation", a)]), basis)
+        return GeneratorModel("rotation", basis, reg.solve(basis)[0])
+
+    truth = torch.stack([flow(-30.0, e, noise=0) for e in strengths]).mean(0)
+    rel = {name: float((fit(am).flow_vector(-30.0) - truth).norm() / truth.norm())
+           for name, am in (("one sign", forward), ("both signs", forward + [inverse_amount("rotation", a)
+                                                                               for a in forward]))}
+    assert rel["both signs"] < 0.15 and rel["both signs"] < 0.5 * rel["one sign"], rel
+
+
+def test_pca_rank_check_drops_or_refuses_arbitrary_components():
+    rows, _, _ = _planted(n=4, d=30)
+    stats = PCAStats.zeros(30).update(rows)
+    with pytest.warns(UserWarning, match="4 flows has rank 3.*keeping 3, dropping 7"):
+        mean, u, var = stats.components(10)
+    assert u.shape == (30, 3) and var.shape == (3,) and (var > 0).all()
+    with pytest.raises(ValueError, match="4 flows has rank 3, fewer than the 10 components"):
+        stats.components(10, on_rank="error")
+    twice = PCAStats.zeros(30).update(torch.cat((rows, rows)))  # 8 flows, still rank 3
+    with pytest.warns(UserWarning, match="8 flows has rank 3"):
+        assert twice.components(5)[1].shape == (30, 3)
+
+
+def test_alexnet_weights_from_a_lightning_checkpoint(tmp_path):
+    """--model.weights: a plain state dict or a Lightning checkpoint whose keys carry net. / model. prefixes."""
+    import warnings
+
+    source = ConvFeatures(init_seed=7)
+    full = {f"features.{k}": v for k, v in source.features.state_dict().items()}
+    full["classifier.6.weight"] = torch.zeros(3, 4096)  # a head that ConvFeatures ignores
+    torch.save(full, tmp_path / "plain.pth")
+    torch.save({"state_dict": {f"net.{k}": v for k, v in full.items()}, "epoch": 3}, tmp_path / "net.ckpt")
+    torch.save({"state_dict": {f"model.{k}": v for k, v in full.items()}}, tmp_path / "model.ckpt")
+    for name in ("plain.pth", "net.ckpt", "model.ckpt"):
+        loaded = ConvFeatures(weights=str(tmp_path / name))
+        assert loaded.pretrained
+        assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), source.parameters()))
+    # No weights: the seeded random AlexNet, whatever the global RNG did before.
+    torch.manual_seed(123)
+    a = ConvFeatures()
+    torch.rand(1000)
+    b = ConvFeatures()
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    bank = GeneratorBank(a.layout(224), 224, {"weights": None, "init_seed": 7})
+    assert torch.equal(ConvFeatures.for_bank(bank).features[0].weight, source.features[0].weight)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ConvFeatures.for_bank(bank, str(tmp_path / "plain.pth"))
+    assert any("fitted with AlexNet weights None" in str(w.message) for w in caught)

@@ -53,6 +53,26 @@ def test_average_precision_and_map_by_hand():
     assert mean_average_precision(three, torch.tensor([0, 1, 0])).item() == pytest.approx((ap[0].item() + 1) / 2)
 
 
+def test_average_precision_takes_ties_as_one_threshold_whatever_the_order():
+    from torchmetrics.functional.classification import multilabel_average_precision
+
+    scores = torch.tensor([[0.9], [0.5], [0.5], [0.1]])
+    labels = torch.tensor([[1], [0], [1], [0]])
+    # positives at 0.9 (1 of 1) and in the tie at 0.5 (2 of 3): the tie is one threshold
+    assert average_precision(scores, labels).item() == pytest.approx((1 + 2 / 3) / 2)
+    assert average_precision(scores[[2, 1, 0, 3]], labels[[2, 1, 0, 3]]).item() == pytest.approx((1 + 2 / 3) / 2)
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.rand(200, 30, generator=g) * 8).round()  # many ties
+    labels = (torch.rand(200, 30, generator=g) < 0.2).long()
+    ours = average_precision(scores, labels)
+    ref = multilabel_average_precision(scores / 8, labels, num_labels=30, average="none", thresholds=None)
+    torch.testing.assert_close(ours, ref.float(), atol=1e-6, rtol=0)  # an independent implementation
+    perm = torch.randperm(200, generator=g)
+    torch.testing.assert_close(average_precision(scores[perm], labels[perm]), ours, atol=1e-7, rtol=0)
+    with pytest.raises(ValueError, match="1 of 4 scores are NaN"):
+        average_precision(torch.tensor([[0.1, float("nan")], [0.2, 0.3]]), torch.tensor([[1, 0], [0, 1]]))
+
+
 def test_label_set_iou_and_table1_metrics():
     pred = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
     true = torch.tensor([[1, 0, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
@@ -170,7 +190,9 @@ def test_scenes_datamodule_builds_an_empty_root_and_links_sizes(tiny_sun_scenes)
 
 
 @pytest.mark.slow
-def test_baseline_trains_and_lf_rf_evaluate_it_through_the_cli(tiny_sun_scenes, tmp_path):
+def test_baseline_trains_and_lf_rf_rows_choose_on_val_and_apply_on_test(tiny_sun_scenes, tmp_path):
+    """The one LF/RF path of Table 1: evaluate.py's select protocol with the coarse labels known;
+    LF over two pivots is applied on test as iteration t of the same schedule."""
     import evaluate
     import train
 
@@ -179,12 +201,25 @@ def test_baseline_trains_and_lf_rf_evaluate_it_through_the_cli(tiny_sun_scenes, 
     base = train.main(cli_flags(tiny_sun_scenes, tmp_path, "baseline") + ["--trainer.max_epochs", "1", f"--trainer.callbacks={cb}"])
     ckpt = base.trainer.checkpoint_callback.best_model_path
     assert Path(ckpt).is_file() and "test/iou_acc" in base.trainer.callback_metrics
-    for method in ("lf", "rf"):
-        ev = evaluate.main(cli_flags(tiny_sun_scenes, tmp_path, method) + [
-            "--ckpt_path", ckpt, "--model.feedback_method", method, "--model.feedback_steps", "2"])
-        assert ev.model.hparams.feedback_method == method
-        m = ev.trainer.callback_metrics
-        assert all(0.0 <= float(m[f"test/{k}"]) <= 100.0 for k in ("mc_acc", "map", "iou_acc"))
+    common = cli_flags(tiny_sun_scenes, tmp_path, "fp") + ["--ckpt_path", ckpt, "--feedback.steps", "2",
+                                                           "--feedback.weight_decay", "0"]
+    sel = evaluate.main(common + ["--feedback.protocol", "select", "--feedback.method", "both",
+                                  "--feedback.lr_grid", "[0.01,0.3]"])
+    chosen = {c["method"]: c for c in sel.feedback["selection"]}
+    val = sel.feedback["val_callback"].records
+    for method, c in chosen.items():
+        rows = [r for r in val if r["method"] == method and r["iteration"] >= 1]
+        best = max(rows, key=lambda r: (r["mc_acc"], r["map"], -r["iteration"], -r["lr"]))
+        assert (c["lr"], c["iteration"]) == (best["lr"], best["iteration"])
+        assert all(0.0 <= c[f"test_{k}"] <= 100.0 for k in ("mc_acc", "map", "iou_acc"))
+    lf = chosen["lf"]
+    full = evaluate.main(common + ["--feedback.layers", json.dumps(MOBILENET_PIVOTS), "--feedback.method", "lf",
+                                   "--feedback.lr", str(lf["lr"]), "--feedback.iterations", "all"])
+    at_t = next(r for r in full.feedback["callback"].records if r["iteration"] == lf["iteration"])
+    assert {k: lf[f"test_{k}"] for k in ("mc_acc", "map", "iou_acc")} == pytest.approx(
+        {k: at_t[k] for k in ("mc_acc", "map", "iou_acc")}, abs=1e-6)
+    t0 = next(r for r in full.feedback["callback"].records if r["iteration"] == 0)
+    assert t0["mc_acc"] == pytest.approx(float(base.trainer.callback_metrics["test/mc_acc"]), abs=1e-4)
 
 
 @pytest.mark.slow
@@ -215,8 +250,6 @@ def test_partial_labels_reach_the_lightning_classifiers(tiny_sun_scenes):
         with torch.no_grad():
             fa, fb = m.fine_logits(m(image, a)), m.fine_logits(m(image, b))
         assert not torch.allclose(fa, fb), variant
-    with pytest.raises(ValueError, match="refines the Baseline"):
-        HierarchicalModule(variant="sinn_pl", feedback_method="rf")
 
 
 # ------------------------------------------------------------------ scripts/table1.py: (λ, T) chosen on val
@@ -232,41 +265,6 @@ def load_table1():
 
 
 MOBILENET_PIVOTS = ["trunk.features.3", "trunk.features.6"]
-
-
-def test_table1_applies_the_val_choice_of_rate_and_iterations_exactly(tiny_sun_scenes):
-    from lightning_modules.hierarchical import HierarchicalModule
-
-    table1 = load_table1()
-    dm = ScenesSUNDataModule(root=str(tiny_sun_scenes), **TINY)
-    torch.manual_seed(0)
-    model = HierarchicalModule(backbone="mobilenet_v3_small", num_classes=dm.num_classes, num_general=dm.num_general,
-                               num_coarse=dm.num_coarse, feedback_layers=MOBILENET_PIVOTS).eval()
-    # random init leaves BatchNorm's running stats at 0/1 and the scores near uniform: calibrate them
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-    with torch.no_grad():
-        model.train()(torch.randn(8, 3, 64, 64))
-        model.eval().net.classifier.weight.mul_(30)
-    model.set_hierarchy(dm.hierarchy["fine_to_general"], dm.hierarchy["fine_to_coarse"])
-    target = torch.tensor([0, 5, 9, 14, 20, 22])
-    batches = [(torch.randn(3, 3, 64, 64), dm.hierarchy["fine_to_coarse"][t], t) for t in target.split(3)]
-
-    best, grid = table1.select_feedback(model, batches, target, "lf", [1e-2, 1e-1], 2, "map")
-    # LF: t counts the updates over both pivots (2 per pivot), every rate tried
-    assert sorted({(g["lr"], g["t"]) for g in grid}) == [(lr, t) for lr in (1e-2, 1e-1) for t in (1, 2, 3, 4)]
-    assert best["map"] == max(g["map"] for g in grid)
-    # the test stage stops LF at the chosen iteration: same scores as that iteration of a full run
-    full = table1.feedback_scores(model, batches, "lf", 1e-1, 2)
-    stopped = table1.feedback_scores(model, batches, "lf", 1e-1, 2, stop=3)
-    assert list(stopped) == [3] and torch.allclose(stopped[3], full[3], atol=1e-7)
-    assert (full[1] - full[4]).abs().max() > 1e-2  # the iterations do change the scores
-    # RF with T = t updates reproduces iteration t of a longer run
-    assert torch.allclose(table1.feedback_scores(model, batches, "rf", 1e-1, 1)[1],
-                          table1.feedback_scores(model, batches, "rf", 1e-1, 2)[1], atol=1e-7)
-    metrics = table1.evaluate_feedback(model, batches, target, "lf", 1e-1, 3, 2)
-    assert metrics == table1_metrics(full[3], target)
 
 
 @pytest.mark.slow

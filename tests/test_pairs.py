@@ -169,7 +169,7 @@ def test_pairs_datamodule_phases(tmp_path):
     pca = dm.pairs(*dm.phase(0))
     assert len(pca) == 2 * 4 and {pca[i]["amount"].item() for i in range(len(pca))} == {10.0}
     reg = dm.pairs(*dm.phase(1))
-    assert len(reg) == 2 * 4 * 2
+    assert len(reg) == 2 * 4 * 2 * 2  # and every pair reversed
     item = reg[3]
     assert item["image"].shape == (3, 64, 64) and item["transformed"].shape == (3, 64, 64)
     assert item["kind"] == "rotation" and item["valid"].item()
@@ -178,7 +178,7 @@ def test_pairs_datamodule_phases(tmp_path):
     batch = next(iter(dm.train_dataloader()))  # no trainer: phase_index 0 = rotation PCA
     assert batch["image"].shape == (4, 3, 64, 64) and batch["kind"] == ["rotation"] * 4
     tx = dm.pairs("translation_x", "regression")
-    assert [tx[i]["delta"].item() for i in range(2)] == [-1.0, 2.0]
+    assert [tx[i]["delta"].item() for i in (0, 1, 4, 5)] == [-1.0, 2.0, 1.0, -2.0]  # 4 forward, then reversed
     dm.setup("test")
     test = dm.test_pairs()
     assert sorted(test[i]["case"] for i in range(len(test))) == ["left 30", "rotate -30", "rotate 30", "up 30"]
@@ -203,3 +203,32 @@ def test_ddp_shards_are_equal_and_count_every_pair_once():
     seen = [padded[i]["index"].item() for s in shards for i in s if padded[i]["valid"]]
     assert sorted(seen) == list(range(11))  # the padding item is invalid, so no pair counts twice
     assert padded[11]["pad"].item() and not padded[11]["valid"].item() and not padded[3]["pad"].item()
+
+
+def test_reversed_pairs_negate_the_amount(tmp_path):
+    """A reversed pair is the forward pair read backwards: same renderings swapped, amount -Δ, 1/s or -t."""
+    from topdown.generators import normalized_amount
+
+    _write_coco(tmp_path, "train", [[CENTRAL]])
+    dm = PairsDataModule(root=str(tmp_path), transform=["rotation", "scale", "translation"], rotation_step=180,
+                         rotation_amounts=[10, 30], scale_inits=[1.0], scale_amounts=[1.3],
+                         translation_inits=[0], translation_amounts=[10], image_size=64)
+    dm.setup("fit")
+    for kind, amount, back in (("rotation", 30.0, -30.0), ("scale", 1.3, 1 / 1.3), ("translation_x", 10.0, -10.0)):
+        pairs = dm.pairs(kind, "regression")
+        n = pairs.num_forward
+        assert len(pairs) == 2 * n and not any(p["reversed"] for p in dm.pairs(kind, "pca"))  # PCA: forward
+        i = [k for k in range(n) if pairs[k]["amount"].item() == pytest.approx(amount)][-1]
+        fwd, rev = pairs[i], pairs[n + i]
+        assert torch.equal(rev["image"], fwd["transformed"]) and torch.equal(rev["transformed"], fwd["image"])
+        assert rev["amount"].item() == pytest.approx(back) and rev["reversed"].item() and not fwd["reversed"].item()
+        assert rev["delta"].item() == pytest.approx(-fwd["delta"].item())
+        assert rev["delta"].item() == pytest.approx(normalized_amount(kind, back))
+        end = fwd["state"].item() * amount if kind == "scale" else fwd["state"].item() + amount
+        assert rev["state"].item() == pytest.approx(end)  # the reversed pair starts where the forward one ends
+    # The defaults fit both signs over a range holding every amount of the paper.
+    dm = PairsDataModule(root=str(tmp_path), transform=["rotation", "scale", "translation"])
+    paper = {"rotation": (30.0, -30.0), "scale": (1.3, 0.75), "translation_x": (-30.0,), "translation_y": (-30.0,)}
+    for kind, amounts in paper.items():
+        lo, hi = dm.amount_range(kind)
+        assert all(lo <= a <= hi for a in amounts), (kind, lo, hi)

@@ -7,6 +7,8 @@ import sys
 
 import numpy as np
 
+from conftest import REPO
+
 from topdown.text import (STOP_WORDS, build_vocabulary, caption_words, labels_from_captions, lemmatize,
                           load_vocabulary, save_vocabulary, tokenize)
 
@@ -48,8 +50,16 @@ def test_a_label_comes_from_any_of_the_five_captions():
     assert y.dtype == np.uint8 and y.tolist() == [[1, 1, 0], [0, 0, 1]]
 
 
+def test_the_projects_nltk_data_is_found_without_nltk_data_exported(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "NLTK_DATA"} | {"HOME": str(tmp_path)}
+    code = "import nltk, topdown.text; nltk.data.find('corpora/wordnet/data.noun'); print(nltk.data.path[-1])"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # found: lemmatizing would work
+    assert proc.stdout.strip() == str(REPO / ".nltk_data")
+
+
 def test_missing_wordnet_is_a_clear_error(tmp_path):
-    env = dict(os.environ, NLTK_DATA=str(tmp_path), HOME=str(tmp_path))
+    env = dict(os.environ, NLTK_DATA=str(tmp_path), HOME=str(tmp_path), TOPDOWN_NLTK_DATA=str(tmp_path / "none"))
     code = "from topdown.text import lemmatize; lemmatize('dogs')"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0

@@ -13,7 +13,10 @@ in the torch hub cache.
 from __future__ import annotations
 
 import os
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torchvision
@@ -106,33 +109,105 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return torchvision_keys({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
 
 
-def load_matching(model: nn.Module, path: str | os.PathLike) -> int:
-    """Load the tensors of ``path`` whose name and shape match ``model``; return how many.
+@dataclass
+class WeightsReport:
+    """What :func:`load_weights` did with a weights file."""
 
-    A file's own head (e.g. Places365's 365 outputs) does not match and is skipped. Raises
-    ``ValueError`` naming the file and a few keys of each side when nothing matches.
+    path: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # model tensors outside the head that the file lacks
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # name, file shape, model shape
+    unused: list[str] = field(default_factory=list)  # file tensors with no counterpart in the model
+    head: list[str] = field(default_factory=list)  # head tensors not loaded (the head is replaced anyway)
+
+    @property
+    def complete(self) -> bool:
+        """Every tensor of the trunk (the model without its head) came from the file."""
+        return not self.missing and not self.mismatched
+
+    def __str__(self) -> str:
+        def some(names):
+            return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+        parts = [f"weights {self.path}: loaded {len(self.loaded)} tensors"]
+        if self.head:
+            parts.append(f"head not loaded ({some(self.head)})")
+        if self.missing:
+            parts.append(f"{len(self.missing)} trunk tensors missing ({some(self.missing)})")
+        if self.mismatched:
+            parts.append(f"{len(self.mismatched)} with other shapes (" + ", ".join(
+                f"{n} {tuple(a)} in the file vs {tuple(b)}" for n, a, b in self.mismatched[:3]) + ")")
+        if self.unused:
+            parts.append(f"{len(self.unused)} file tensors unused ({some(self.unused)})")
+        return "; ".join(parts)
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, partial: bool = False,
+                 head: Sequence[str] = ()) -> WeightsReport:
+    """Load the tensors of ``path`` into ``model`` by name and shape, and report what happened.
+
+    ``head``: module names whose tensors may be absent or shaped otherwise (a layer that is
+    replaced after loading, e.g. ImageNet's 1000-way ``fc``).  Everything else is the trunk:
+    a trunk tensor the file does not hold, or holds with another shape, is an error naming it,
+    before any training, unless ``partial`` (then it keeps its random initialisation and a
+    warning says how many).  A file where nothing matches is always an error.  Tensors of the
+    file that the model has no place for (a Places365 file's own classifier) are reported as
+    unused.  BatchNorm's ``num_batches_tracked`` counters are not required.
     """
     state = load_state(path)
     own = model.state_dict()
-    compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    in_head = lambda key: any(key == h or key.startswith(h + ".") for h in head)  # noqa: E731
+    report = WeightsReport(str(path))
+    compatible = {}
+    for key, value in state.items():
+        if key not in own:
+            report.unused.append(key)
+        elif own[key].shape != value.shape:
+            if not in_head(key):
+                report.mismatched.append((key, tuple(value.shape), tuple(own[key].shape)))
+        else:
+            compatible[key] = value
+    report.loaded = list(compatible)
+    for key in own:
+        if key not in compatible:
+            if in_head(key):
+                report.head.append(key)
+            elif key not in state and not key.endswith("num_batches_tracked"):
+                report.missing.append(key)
     if not compatible:
         raise ValueError(f"no tensor of {path} matches {type(model).__name__}: wrong architecture? "
                          f"file keys look like {list(state)[:3]}, the model's like {list(own)[:3]}")
+    if not report.complete:
+        if not partial:
+            raise ValueError(f"{report}. The file does not hold the whole trunk of {type(model).__name__}; "
+                             "training from it would start partly from random weights. Pass partial weights "
+                             "(--model.partial_weights true) to accept that.")
+        warnings.warn(f"partial weights: {report}", stacklevel=2)
     model.load_state_dict(compatible, strict=False)
-    return len(compatible)
+    return report
 
 
-def build_backbone(name: str, num_outputs: int, head: str = "linear", weights: str | None = None) -> nn.Module:
+def weights_path(weights: str) -> str | Path:
+    """A local file, or the cached file of a torchvision weights name (nothing is downloaded)."""
+    looks_like_file = Path(weights).exists() or os.sep in str(weights) or str(weights).endswith((".pt", ".pth", ".ckpt", ".tar"))
+    return weights if looks_like_file else cached_weights_path(weights)
+
+
+def build_backbone(name: str, num_outputs: int, head: str = "linear", weights: str | None = None,
+                   partial_weights: bool = False) -> nn.Module:
     """Torchvision classification model ``name`` with a fresh ``num_outputs`` head.
 
-    The new head's module name is stored in ``model.topdown_head`` (for head-only training).
+    The new head's module name is stored in ``model.topdown_head`` (for head-only training), the
+    :class:`WeightsReport` of ``weights`` in ``model.topdown_weights`` (None without weights).
 
     Args:
         name: any torchvision classification model name (``resnet18``, ``resnet50``, ``vgg16``, ``alexnet``, ...).
         num_outputs: size of the new last layer (labels or classes).
         head: ``"linear"`` replaces the last ``nn.Linear``; ``"conv_max"`` replaces the global pooling by
             :class:`ConvMaxHead` and drops the fully connected classifier (models with ``avgpool`` only).
-        weights: local file path or cached torchvision weights name; the old head's tensors are skipped.
+        weights: local file path or cached torchvision weights name; the old head's tensors are skipped,
+            every other tensor must be in the file (:func:`load_weights`).
+        partial_weights: accept a file that holds only part of the trunk.
     """
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose from {HEADS}")
@@ -140,12 +215,11 @@ def build_backbone(name: str, num_outputs: int, head: str = "linear", weights: s
     if name not in available:
         raise ValueError(f"unknown backbone {name!r}; torchvision classification models: {', '.join(available)}")
     model = torchvision.models.get_model(name, weights=None)
-    if weights:
-        looks_like_file = Path(weights).exists() or os.sep in str(weights) or str(weights).endswith((".pt", ".pth", ".ckpt"))
-        path = weights if looks_like_file else cached_weights_path(weights)
-        load_matching(model, path)
-
     lin_name, lin = _last_linear(model)
+    report = None
+    if weights:
+        report = load_weights(model, weights_path(weights), partial=partial_weights, head=[lin_name])
+
     if head == "linear":
         _set_submodule(model, lin_name, nn.Linear(lin.in_features, num_outputs))
         model.topdown_head = lin_name
@@ -159,4 +233,5 @@ def build_backbone(name: str, num_outputs: int, head: str = "linear", weights: s
         else:
             model.classifier = nn.Identity()
         model.topdown_head = "avgpool"
+    model.topdown_weights = report
     return model

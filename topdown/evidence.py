@@ -8,20 +8,30 @@ sampled labels" when not all of the complement is known (Figure 4). §5 (Tables 
 the whole complement as evidence and compares pivot layers.
 
 This module is pure (torch, numpy; matplotlib is imported only by the plot helpers): the
-label splits and their file, the draws of known labels, and the result tables, CSV files
-and figures that the protocols of ``evaluate.py`` write.
+label splits and their file, the draws of known labels, what a model's evaluation keeps and
+computes (:class:`Evidence`: multi-label known/unknown labels, §4.1; coarse scene labels,
+§4.2), the choice of λ and T on validation curves (:func:`select_setting`), the summary over
+draws, how much metric state fits in memory, and the result tables, CSV files and figures
+that the protocols of ``evaluate.py`` write.
 """
 from __future__ import annotations
 
 import csv
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+
+# Pivots of Figure 4 (§4.1: "Conv5, 10, 13"), in the paper's names
+FIGURE4_LAYERS = {
+    "resnet18": ("conv5", "conv10", "conv13"),
+    "vgg16": ("conv5", "conv10", "conv13"),
+}
 
 # Candidate pivots of the layer-wise analysis (§5, Tables 3-5), in the paper's names
 # (resolved by topdown.layers); "input" is the image itself (eq. 1).
@@ -184,15 +194,261 @@ def known_label_draws(unknown: torch.Tensor, num_labels: int, counts: Iterable[i
 
 
 # ---------------------------------------------------------------------------------------
+# Evidence: what a feedback-prop evaluation reads, runs, keeps and computes for one model
+# ---------------------------------------------------------------------------------------
+
+class Evidence:
+    """How a model's feedback-prop evaluation uses its batches (the protocols and
+    ``callbacks.feedback.FeedbackPropCallback`` are written against this).
+
+    Per batch the callback takes the valid rows (:meth:`batch`), runs feedback-prop on the inputs
+    repeated once per known-evidence draw with :meth:`known_loss`, and keeps
+    :meth:`scores` of the outputs: all of them once from the plain forward pass (t = 0, the
+    same for every setting and draw), and :meth:`part` for each draw at the reported
+    iterations.  :meth:`evaluate` turns kept scores and :meth:`target` into the figures
+    :attr:`metrics` (the first is the primary one; :attr:`criterion` picks λ and T on val).
+
+    Subclasses: :class:`MultiLabelEvidence` (§4.1, §5), :class:`CoarseLabelEvidence` (§4.2).
+    """
+
+    metrics: tuple[str, ...] = ()
+    criterion: tuple[str, ...] = ()
+    headers: dict[str, str] = {}  # column titles of the printed tables
+    scale: float = 1.0  # printed value = scale x figure (100 for fractions shown in percent)
+    draws: list[KnownDraw]
+
+    def setup(self, model: Any, datamodule: Any = None) -> None:
+        """Read what depends on the model or the data (called when an evaluation starts)."""
+
+    def batch(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The inputs and the context (known values, targets) of the valid rows."""
+        valid = batch["valid"]
+        return batch["image"][valid], {k: v[valid] for k, v in batch.items()
+                                       if isinstance(v, torch.Tensor) and v.shape[:1] == valid.shape and k != "image"}
+
+    def known_loss(self, context: dict, draws: Sequence[int], rows: slice) -> Callable:
+        """L(Y_k, Ŷ_k) per sample for ``rows`` of the batch repeated once per draw (draw-major)."""
+        raise NotImplementedError
+
+    def scores(self, outputs: Any) -> torch.Tensor:
+        """``[B, K]``: what the figures are computed from, for all draws."""
+        raise NotImplementedError
+
+    def part(self, scores: torch.Tensor, d: int) -> torch.Tensor:
+        """``[B, C_d]``: the part of :meth:`scores` draw ``d``'s figures need."""
+        return scores
+
+    def width(self, d: int | None = None) -> int:
+        """C_d (K for ``None``): columns kept per sample, for sizing the metric state."""
+        raise NotImplementedError
+
+    def target(self, context: dict) -> torch.Tensor:
+        """Per-sample targets, kept once."""
+        raise NotImplementedError
+
+    def target_bytes(self) -> int:
+        """Bytes of one sample's :meth:`target`."""
+        raise NotImplementedError
+
+    def empty_target(self) -> torch.Tensor:
+        """:meth:`target` of no sample (a DDP rank without a valid image still takes part)."""
+        raise NotImplementedError
+
+    def with_draws(self, indices: Sequence[int]) -> "Evidence":
+        """The same evidence restricted to some draws (one pass of a protocol run in parts)."""
+        if list(indices) == list(range(len(self.draws))):
+            return self
+        raise NotImplementedError
+
+    def evaluate(self, scores: torch.Tensor, target: torch.Tensor, d: int) -> dict[str, float]:
+        """The figures of draw ``d`` from its kept scores ``[N, C_d]``."""
+        raise NotImplementedError
+
+    def evaluate_plain(self, scores: torch.Tensor, target: torch.Tensor) -> list[dict[str, float]]:
+        """The figures at t = 0 for every draw, from the plain forward's scores ``[N, K]``."""
+        return [self.evaluate(self.part(scores, d), target, d) for d in range(len(self.draws))]
+
+
+class MultiLabelEvidence(Evidence):
+    """§4.1: a fixed set of unknown labels; each draw knows the true values of some others.
+
+    Figures: ``map_unknown`` (the paper's) and ``map_known`` (what feedback-prop fits), exact
+    mAP over the labels with a positive in the split.  ``draws`` default to the whole
+    complement of ``unknown``, one draw; ``key`` names the head of a dict-output model.
+    """
+
+    metrics = ("map_unknown", "map_known")
+    criterion = ("map_unknown",)
+    headers = {"map_unknown": "mAP unknown", "map_known": "mAP known"}
+    scale = 100.0
+
+    def __init__(self, unknown: torch.Tensor, draws: Sequence[KnownDraw] | None = None, num_labels: int | None = None,
+                 key: str | None = None):
+        self.unknown = torch.as_tensor(unknown).long()
+        self.draws = None if draws is None else list(draws)
+        self.num_labels, self.key = num_labels, key
+        if num_labels is not None:
+            self._check()
+
+    def setup(self, model: Any, datamodule: Any = None) -> None:
+        if self.num_labels is None:
+            hparams = getattr(model, "hparams", {})
+            n = hparams.get("num_labels") if hasattr(hparams, "get") else None
+            n = n if n is not None else getattr(datamodule, "num_labels", None)
+            if n is None:
+                raise ValueError("feedback-prop evaluation: cannot tell the number of labels (no hparams.num_labels "
+                                 "on the module and no num_labels on the datamodule)")
+            self.num_labels = int(n)
+            self._check()
+
+    def _check(self) -> None:
+        if self.unknown.numel() and int(self.unknown.max()) >= self.num_labels:
+            raise ValueError(f"unknown label {int(self.unknown.max())} is out of range for {self.num_labels} labels")
+        if self.draws is None:
+            self.draws = known_label_draws(self.unknown, self.num_labels)
+        unknown = set(self.unknown.tolist())
+        for d in self.draws:
+            if set(d.labels.tolist()) & unknown:
+                raise ValueError(f"known draw (num_known={d.num_known}, draw={d.draw}) overlaps the unknown labels")
+        self.columns = [torch.cat([self.unknown, d.labels.long()]) for d in self.draws]
+
+    def known_loss(self, context: dict, draws: Sequence[int], rows: slice) -> Callable:
+        from topdown.feedback import multilabel_known_loss
+
+        labels = context["labels"][rows]
+        b = labels.shape[0]
+        y = labels.repeat(len(draws), 1)
+        mask = torch.zeros_like(y, dtype=torch.bool)
+        for j, d in enumerate(draws):
+            mask[j * b:(j + 1) * b, self.draws[d].labels.to(mask.device)] = True
+        return multilabel_known_loss(mask, y, key=self.key)
+
+    def scores(self, outputs: Any) -> torch.Tensor:
+        out = outputs[self.key] if self.key is not None else outputs
+        return out.flatten(1)
+
+    def part(self, scores: torch.Tensor, d: int) -> torch.Tensor:
+        return scores[:, self.columns[d].to(scores.device)]
+
+    def width(self, d: int | None = None) -> int:
+        return self.num_labels if d is None else len(self.columns[d])
+
+    def target(self, context: dict) -> torch.Tensor:
+        return context["labels"].to(torch.uint8)
+
+    def target_bytes(self) -> int:
+        return self.num_labels
+
+    def empty_target(self) -> torch.Tensor:
+        return torch.zeros(0, self.num_labels, dtype=torch.uint8)
+
+    def with_draws(self, indices: Sequence[int]) -> "MultiLabelEvidence":
+        return MultiLabelEvidence(self.unknown, [self.draws[i] for i in indices], self.num_labels, self.key)
+
+    def evaluate(self, scores: torch.Tensor, target: torch.Tensor, d: int) -> dict[str, float]:
+        from topdown.metrics import average_precision, nan_mean
+
+        ap = average_precision(scores, target[:, self.columns[d]])
+        u = len(self.unknown)
+        return {"map_unknown": float(nan_mean(ap[:u])), "map_known": float(nan_mean(ap[u:]))}
+
+    def evaluate_plain(self, scores: torch.Tensor, target: torch.Tensor) -> list[dict[str, float]]:
+        from topdown.metrics import average_precision, nan_mean
+
+        ap = average_precision(scores, target)  # every label once: each draw's t = 0 is a subset
+        unknown = float(nan_mean(ap[self.unknown]))
+        return [{"map_unknown": unknown, "map_known": float(nan_mean(ap[d.labels.long()]))} for d in self.draws]
+
+
+class CoarseLabelEvidence(Evidence):
+    """§4.2 (Table 1): the true coarse scene categories are known, the fine category is predicted.
+
+    The model predicts fine categories only; its known loss is the binary cross-entropy of the
+    coarse probabilities derived from the fine softmax (:func:`topdown.sinn.coarse_known_loss`).
+    Figures (percent, :func:`topdown.metrics.table1_metrics`): ``mc_acc``, ``map``,
+    ``iou_acc``; λ and T are chosen by MC Acc, mAP breaking ties.  One draw: all coarse labels.
+    """
+
+    metrics = ("mc_acc", "map", "iou_acc")
+    criterion = ("mc_acc", "map")
+    headers = {"mc_acc": "MC Acc", "map": "mAP", "iou_acc": "IoU Acc"}
+
+    def __init__(self, num_classes: int, num_coarse: int):
+        self.num_classes, self.num_coarse = int(num_classes), int(num_coarse)
+        self.draws = [KnownDraw(self.num_coarse, 0, torch.arange(self.num_coarse))]
+        self.fine_to_coarse: torch.Tensor | None = None
+
+    def setup(self, model: Any, datamodule: Any = None) -> None:
+        f2c = getattr(model, "fine_to_coarse", None)
+        if f2c is None or tuple(f2c.shape) != (self.num_classes, self.num_coarse):
+            raise ValueError(f"coarse-label evidence needs the model's fine_to_coarse [{self.num_classes}, "
+                             f"{self.num_coarse}] hierarchy; got {None if f2c is None else tuple(f2c.shape)}")
+        self.fine_to_coarse = f2c
+
+    def known_loss(self, context: dict, draws: Sequence[int], rows: slice) -> Callable:
+        from topdown.sinn import coarse_known_loss
+
+        return coarse_known_loss(context["coarse"][rows].repeat(len(draws), 1), self.fine_to_coarse)
+
+    def scores(self, outputs: Any) -> torch.Tensor:
+        return outputs["fine"] if isinstance(outputs, dict) else outputs
+
+    def width(self, d: int | None = None) -> int:
+        return self.num_classes
+
+    def target(self, context: dict) -> torch.Tensor:
+        return context["target"].long()
+
+    def target_bytes(self) -> int:
+        return 8
+
+    def empty_target(self) -> torch.Tensor:
+        return torch.zeros(0, dtype=torch.long)
+
+    def evaluate(self, scores: torch.Tensor, target: torch.Tensor, d: int) -> dict[str, float]:
+        from topdown.metrics import table1_metrics
+
+        return table1_metrics(scores.float().softmax(-1), target)
+
+
+# ---------------------------------------------------------------------------------------
 # Summaries, tables, CSV, figures
 # ---------------------------------------------------------------------------------------
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and (population) standard deviation over draws; std is 0 for a single draw."""
+class MeanStd(tuple):
+    """``(mean, std)`` of the finite values (unpacks as a pair); ``count`` of them and ``nan``, the
+    number of values left out, as attributes."""
+
+    def __new__(cls, mean: float, std: float, count: int = 0, nan: int = 0):
+        out = super().__new__(cls, (mean, std))
+        out.count, out.nan = count, nan
+        return out
+
+    @property
+    def mean(self) -> float:
+        return self[0]
+
+    @property
+    def std(self) -> float:
+        return self[1]
+
+    def __repr__(self) -> str:
+        return f"MeanStd(mean={self[0]!r}, std={self[1]!r}, count={self.count}, nan={self.nan})"
+
+
+def mean_std(values: Iterable[float]) -> MeanStd:
+    """Mean ± *sample* standard deviation (n - 1 in the denominator; 0 for a single value) over
+    draws or runs, the convention of every "mean ± std" the project prints.
+
+    NaN values (e.g. the known-label mAP of a draw whose known labels have no positive in the
+    split) are left out of both and counted in ``nan``, for the caller to report.
+    """
+    values = [float(v) for v in values]
     a = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
+    nan = len(values) - a.size
     if a.size == 0:
-        return float("nan"), float("nan")
-    return float(a.mean()), float(a.std())
+        return MeanStd(float("nan"), float("nan"), 0, nan)
+    return MeanStd(float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0, int(a.size), nan)
 
 
 def fmt(mean: float, std: float | None = None, scale: float = 100.0) -> str:
@@ -219,14 +475,16 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str 
     return "\n".join(out)
 
 
-def layer_table(nofp: tuple[float, float], cells: dict[tuple[str, str], tuple[float, float]],
-                layers: Sequence[str], methods: Sequence[str] = ("lf", "rf"), title: str | None = None) -> str:
+def layer_table(nofp: tuple[float, float | None], cells: dict[tuple[str, str], tuple[float, float]],
+                layers: Sequence[str], methods: Sequence[str] = ("lf", "rf"), title: str | None = None,
+                scale: float = 100.0) -> str:
     """The layer-wise analysis laid out as Tables 3-5: rows ``no-fp``, ``fp-input``, ``fp-conv-1``, ...,
-    columns LF and RF; ``cells[(layer, method)] = (mean, std)`` of the unknown-label mAP.
+    columns LF and RF; ``cells[(layer, method)] = (mean, std)`` of the figure (``scale`` x it printed).
     """
-    rows = [["no-fp"] + [fmt(*nofp) for _ in methods]]
+    rows = [["no-fp"] + [fmt(*nofp, scale=scale) for _ in methods]]
     for layer in layers:
-        rows.append([paper_row_name(layer)] + [fmt(*cells.get((layer, m), (float("nan"), None))) for m in methods])
+        rows.append([paper_row_name(layer)] + [fmt(*cells.get((layer, m), (float("nan"), None)), scale=scale)
+                                               for m in methods])
     return text_table([""] + [m.upper() for m in methods], rows, title)
 
 
@@ -237,33 +495,168 @@ def paper_row_name(layer: str) -> str:
     return f"fp-{layer}"
 
 
-def write_csv(path: str | Path, rows: Sequence[dict]) -> Path:
-    """Write dict rows (the union of their keys, in first-seen order) as CSV."""
+def write_csv(path: str | Path, rows: Sequence[dict], fields: Sequence[str] | None = None) -> Path:
+    """Write dict rows as CSV: columns ``fields``, or the union of the rows' keys in first-seen order."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields: list[str] = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
+    if fields is None:
+        fields = []
+        for r in rows:
+            fields += [k for k in r if k not in fields]
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+        w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     return path
 
 
-def best_iteration(curve: Sequence[float], every: int = 1) -> tuple[int, float]:
-    """The iteration with the highest value (the earliest among equals), among multiples of ``every``.
+# ---------------------------------------------------------------------------------------
+# Choosing λ and T on validation (§4.1)
+# ---------------------------------------------------------------------------------------
 
-    §4.1: "We determine the update rate parameter and number of iterations using the
-    validation split"; with per-iteration records T comes from one run.
+@dataclass(frozen=True)
+class Selection:
+    """The chosen setting (a key of the curves), its iteration t and the validation value there."""
+
+    key: Hashable
+    iteration: int
+    value: Any
+
+
+def select_setting(curves: Mapping[Hashable, Mapping[int, Any] | Sequence[Any]], min_iteration: int = 1) -> Selection:
+    """Choose a setting and a number of iterations on validation curves (§4.1: "We determine the
+    update rate parameter and number of iterations using the validation split").
+
+    Args:
+        curves: one curve per setting (e.g. per update rate λ, or per (method, λ)): the value of
+            the validation figure after each iteration t, as a list indexed by t or a
+            ``{t: value}`` mapping.  A value is a number or a tuple compared in order
+            (``(mc_acc, map)``: MC Acc first, mAP breaks its ties).  NaN values are skipped.
+        min_iteration: the smallest t that may be chosen; 1 means at least one feedback-prop
+            update (t = 0 is the plain forward pass).
+
+    Returns:
+        The highest value; among equals the fewest iterations, then the setting listed first.
+
+    Pure, so every protocol uses the same rule: multi-label mAP, hierarchical MC Acc, a
+    captioning CIDEr curve.
     """
-    best_t, best = 0, -math.inf
-    for t, v in enumerate(curve):
-        if t % every or math.isnan(v):
+    best, best_rank = None, None
+    for order, (key, curve) in enumerate(curves.items()):
+        items = curve.items() if isinstance(curve, Mapping) else enumerate(curve)
+        for t, value in items:
+            v = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+            if t < min_iteration or any(isinstance(x, float) and math.isnan(x) for x in v):
+                continue
+            rank = (v, -t, -order)
+            if best_rank is None or rank > best_rank:
+                best, best_rank = Selection(key, int(t), value), rank
+    if best is None:
+        raise ValueError(f"no validation value at an iteration t >= {min_iteration} to choose from "
+                         f"(settings: {list(curves)})")
+    return best
+
+
+# ---------------------------------------------------------------------------------------
+# Per-iteration records -> summary over draws
+# ---------------------------------------------------------------------------------------
+
+SETTING_KEYS = ("split", "setting", "method", "layers", "lr", "steps", "stop")
+
+
+def summarize(records: Sequence[dict], metrics: Sequence[str]) -> list[dict]:
+    """One row per setting and number of known labels: mean ± std over the draws of each figure at
+    the setting's last recorded iteration (``<m>``, ``<m>_std``), at t = 0 (``<m>_nofp``, no
+    feedback-prop), the number of draws, and the mean curve over the recorded iterations
+    (``curve_t``, ``curves[m]``).  Draws whose figure is NaN are left out and counted in
+    ``<m>_nan`` with a warning.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault(tuple(r.get(k) for k in SETTING_KEYS) + (r["num_known"],), []).append(r)
+    out = []
+    for key, rows in groups.items():
+        ts = sorted({r["iteration"] for r in rows})
+        last = ts[-1]
+        row = {k: v for k, v in zip(SETTING_KEYS, key) if v is not None}
+        row.update(num_known=key[-1], draws=len({r["draw"] for r in rows}), iteration=last)
+        row["curve_t"] = ts
+        row["curves"] = {}
+        for m in metrics:
+            end = mean_std(r[m] for r in rows if r["iteration"] == last)
+            zero = mean_std(r[m] for r in rows if r["iteration"] == 0)
+            row[m], row[f"{m}_std"] = end.mean, end.std
+            row[f"{m}_nofp"], row[f"{m}_nofp_std"] = zero.mean, zero.std
+            if end.nan:
+                row[f"{m}_nan"] = end.nan
+                warnings.warn(f"{m} is NaN for {end.nan} of {end.nan + end.count} draws of {row.get('setting')} "
+                              f"with {key[-1]} known labels (no positive in the split): left out of the mean",
+                              stacklevel=2)
+            row["curves"][m] = [mean_std(r[m] for r in rows if r["iteration"] == t).mean for t in ts]
+        out.append(row)
+    return out
+
+
+def plain_rows(rows: Sequence[dict]) -> list[dict]:
+    """Summary rows without their curves (for CSV files and W&B tables)."""
+    return [{k: v for k, v in r.items() if k not in ("curves", "curve_t")} for r in rows]
+
+
+# ---------------------------------------------------------------------------------------
+# How much metric state fits (the evaluation of COCO's Figure 4 must stay in host memory)
+# ---------------------------------------------------------------------------------------
+
+def plan_passes(num_settings: int, draws: Sequence["KnownDraw"], unit_bytes: Callable[[int, int], int],
+                shared_bytes: int, budget_bytes: int | None) -> list[tuple[list[int], list[int]]]:
+    """Group (setting, draw) units into passes over the data whose metric state fits ``budget_bytes``.
+
+    Everything in one pass when it fits; else one amount of known labels after another, as many
+    settings per pass as fit (one setting and part of the draws when even that does not fit).
+    ``unit_bytes(s, d)``: the state one setting x draw keeps; ``shared_bytes``: what a pass keeps
+    once (the plain forward's scores and the targets).  Returns ``(settings, draws)`` index lists.
+
+    Raises ValueError when a single unit does not fit, before any work.
+    """
+    settings = list(range(num_settings))
+    every = list(range(len(draws)))
+    total = shared_bytes + sum(unit_bytes(s, d) for s in settings for d in every)
+    if budget_bytes is None or total <= budget_bytes:
+        return [(settings, every)]
+    free = budget_bytes - shared_bytes
+    worst = max(unit_bytes(s, d) for s in settings for d in every)
+    if worst > free:
+        raise ValueError(f"one setting x draw needs {worst / 2**30:.2f} GB of metric state (plus "
+                         f"{shared_bytes / 2**30:.2f} GB shared), over the budget of {budget_bytes / 2**30:.2f} GB; "
+                         "keep fewer iterations or raise the budget")
+    groups: list[list[int]] = []
+    for d in every:
+        if groups and draws[groups[-1][0]].num_known == draws[d].num_known:
+            groups[-1].append(d)
+        else:
+            groups.append([d])
+    passes: list[tuple[list[int], list[int]]] = []
+    for group in groups:
+        per_setting = [sum(unit_bytes(s, d) for d in group) for s in settings]
+        if max(per_setting) <= free:
+            chunk, used = [], 0
+            for s in settings:
+                if chunk and used + per_setting[s] > free:
+                    passes.append((chunk, group))
+                    chunk, used = [], 0
+                chunk.append(s)
+                used += per_setting[s]
+            passes.append((chunk, group))
             continue
-        if v > best + 1e-12:
-            best_t, best = t, v
-    return best_t, best
+        for s in settings:
+            part, used = [], 0
+            for d in group:
+                if part and used + unit_bytes(s, d) > free:
+                    passes.append(([s], part))
+                    part, used = [], 0
+                part.append(d)
+                used += unit_bytes(s, d)
+            passes.append(([s], part))
+    return passes
 
 
 def _pyplot():

@@ -9,7 +9,10 @@ with the loss on the known outputs, then read the unknown outputs off one more f
   together by one truncated backward pass per iteration.
 
 Single-layer feedback-prop (eqs. 3-4) is either method with one pivot; ``layers=["input"]``
-optimises the image itself (eqs. 1-2).
+optimises the image itself (eqs. 1-2).  A pivot is a module's output, or one call of a module
+that runs several times in a forward pass (``"layer3.0.relu#0"``, :mod:`topdown.layers`): the
+paper counts activations inside residual blocks (ResNet-18 conv10, ResNet-50 conv20), and
+torchvision reuses one ReLU module per block.
 
 How the cost stays at the truncated network (§6)
 ------------------------------------------------
@@ -19,7 +22,8 @@ finished by the end of the pivot's call and whose caller was still running at th
 iterations those modules get a temporary instance ``forward`` that hands back the cached
 output instead of computing (a module called again later runs its real forward) and their
 forward hooks are set aside (the cached output already went through them), so each
-iteration only pays for the network after the pivot.  RF replays ``f_1(a_0) + r_1`` for the
+iteration only pays for the network after the pivot.  Replay is per call: a module whose
+first calls are cached runs its real forward, hooks included, for its later calls.  RF replays ``f_1(a_0) + r_1`` for the
 first pivot; LF replays ``a_l`` for the current pivot and the frozen values of the earlier
 ones, so each LF stage is truncated at its own pivot.  This works for any ``nn.Module``, not
 only ``nn.Sequential``.  Plain tensor code in a ``forward`` between modules still runs,
@@ -44,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from topdown.layers import INPUT, resolve_layers
+from topdown.layers import INPUT, resolve_layers, split_call
 
 METHODS = ("lf", "rf")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adagrad")
@@ -52,6 +56,15 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adagrad")
 Outputs = Any  # a Tensor or a dict (or nested tuple/list/dict) of Tensors
 KnownLoss = Callable[[Outputs], Tensor]
 Callback = Callable[[int, Outputs], None]
+Pivot = tuple[nn.Module, int | None]  # a module and which of its calls (None: the only one)
+
+
+class StopFeedback(Exception):
+    """Raised by a ``feedback_prop`` callback to end the call after the iteration it was given.
+
+    ``feedback_prop`` then returns the outputs of that iteration: an evaluation that reports
+    iteration t of a longer LF schedule (Algorithm 1 with T per pivot) need not pay for the rest.
+    """
 
 
 # ---------------------------------------------------------------------------------------
@@ -182,6 +195,9 @@ class _Live:
         self.fn = fn
 
 
+_RUN = object()  # plan entry: this call of the module computes for real (no cached value)
+
+
 # ---------------------------------------------------------------------------------------
 # Recording the prefix and replaying it from the cache
 # ---------------------------------------------------------------------------------------
@@ -189,43 +205,67 @@ class _Live:
 class _Recorder:
     """Hooks on every module for one forward pass.
 
-    Keeps the outputs of the maximal calls that have finished when ``pivot`` finishes (the
-    part of the network that the iterations need not recompute), and counts the calls of
-    every pivot module to check that each runs once and in the listed order.
+    Keeps the outputs of the maximal calls that have finished when the pivot call finishes
+    (the part of the network that the iterations need not recompute), and counts the calls
+    of every pivot module to check which calls exist and in which order they finish.
     """
 
-    def __init__(self, model: nn.Module, pivot: nn.Module | None, pivots: list[nn.Module]):
+    def __init__(self, model: nn.Module, pivot: Pivot | None, pivots: list[Pivot]):
         self.pivot = pivot
         self.done = pivot is None
-        self.frames: list[list[tuple[nn.Module, Any]]] | None = [[]]
+        self.frames: list[list[tuple]] | None = [[]]
+        self.inputs: list[list[tuple[Tensor, int]]] = []  # versions of each running call's inputs
         self.cached: list[tuple[nn.Module, Any]] = []
-        self.versions: list[tuple[nn.Module, Tensor, int]] = []
-        self.calls = {m: 0 for m in pivots}
-        self.ends: list[nn.Module] = []
+        self.versions: list[list[tuple[Tensor, int]]] = []  # per cached entry
+        self.mutated: list[bool] = []
+        self.calls = {m: 0 for m, _ in pivots}
+        self.calls_at_pivot: dict[nn.Module, int] = {}
+        self.ends: list[tuple[nn.Module, int]] = []
         self.handles = []
         for m in model.modules():
             # appended: the recorded output is the one the caller gets, after the user's hooks
-            self.handles.append(m.register_forward_pre_hook(self._pre))
+            self.handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
             self.handles.append(m.register_forward_hook(self._post))
 
-    def _pre(self, module, args):
+    def _pre(self, module, args, kwargs):
         if not self.done:
             self.frames.append([])
+            self.inputs.append([(t, t._version) for t in _tensors((args, kwargs))])
 
     def _post(self, module, args, output):
+        call = None
         if module in self.calls:
+            call = self.calls[module]
             self.calls[module] += 1
-            self.ends.append(module)
+            self.ends.append((module, call))
         if self.done:
             return
         self.frames.pop()  # the children of a finished call are inside it: drop their outputs
-        self.frames[-1].append((module, output))
-        if module is self.pivot:
+        changed = [(t, t._version - v) for t, v in self.inputs.pop() if t._version != v]  # in-place on its inputs
+        self.frames[-1].append((module, output, [(t, t._version) for t in _tensors(output)], changed))
+        if module is self.pivot[0] and call == (self.pivot[1] or 0):
             self.done = True
-            self.cached = [rec for frame in self.frames for rec in frame]
+            entries = [rec for frame in self.frames for rec in frame]
+            self.cached = [(m, out) for m, out, _, _ in entries]
             # the values the iterations must see: later in-place changes make the cache stale
-            self.versions = [(m, t, t._version) for m, out in self.cached for t in _tensors(out)]
+            self.versions = [[(t, t._version) for t in _tensors(out)] for m, out in self.cached]
+            self.mutated = [self._changed_by_code(i, entries) for i in range(len(entries))]
+            self.calls_at_pivot = dict(self.calls)
             self.frames = None
+
+    @staticmethod
+    def _changed_by_code(i: int, entries: list[tuple]) -> bool:
+        """Did plain code (not a cached module call) change entry i's output in place before the pivot?
+
+        Such code runs again in every iteration (a residual block's ``out += identity`` on bn2's
+        output), so the call must be recomputed rather than replayed.  Changes made by later
+        cached calls (an in-place ReLU) do not re-run: the cache then holds the final value.
+        """
+        for t, v in entries[i][2]:
+            delta = t._version - v
+            if delta and delta > sum(d for _, _, _, changed in entries[i + 1:] for u, d in changed if u is t):
+                return True
+        return False
 
     def remove(self):
         for h in self.handles:
@@ -240,11 +280,15 @@ def _check_versions(versions: list[tuple[Tensor, int]]) -> None:
 
 
 @contextmanager
-def _replayed(plan: dict[nn.Module, list[Any]]):
+def _replayed(plan: dict[nn.Module, list[Any]], seen: dict[nn.Module, int] | None = None):
     """Temporarily make each planned module return its cached outputs for its first calls.
 
-    The module's forward hooks are set aside meanwhile: the cached outputs already went
-    through them, and without hooks ``Module.__call__`` takes its fast path.
+    Entry ``i`` of ``plan[m]`` answers the ``i``-th call of ``m`` in the pass: a cached output,
+    a :class:`_Live` value, or ``_RUN``.  The module's forward hooks are set aside meanwhile:
+    the cached outputs already went through them, and without hooks ``Module.__call__`` takes
+    its fast path.  A call with ``_RUN`` or beyond the entries runs the real module with its
+    hooks.  ``seen`` counts the replayed calls of every planned module, so the pivot hooks of
+    :class:`_Run` know which call of their module they are looking at.
     """
     saved = []
     try:
@@ -253,18 +297,32 @@ def _replayed(plan: dict[nn.Module, list[Any]]):
             # enough to show up when the truncated network is small
             d = m.__dict__
             own = d.get("forward", None)
-            real = m.forward
-            saved.append((m, own, d["_forward_hooks"], d["_forward_pre_hooks"]))
+            hooks, pre_hooks = d["_forward_hooks"], d["_forward_pre_hooks"]
+            saved.append((m, own, hooks, pre_hooks))
             d["_forward_hooks"], d["_forward_pre_hooks"] = OrderedDict(), OrderedDict()
             count = [0]
 
-            def forward(*args, _entries=entries, _count=count, _real=real, **kwargs):
+            def forward(*args, _m=m, _d=d, _entries=entries, _count=count, _own=own, _hooks=hooks,
+                        _pre=pre_hooks, **kwargs):
                 i = _count[0]
                 _count[0] += 1
-                if i < len(_entries):
-                    e = _entries[i]
+                e = _entries[i] if i < len(_entries) else _RUN
+                if e is not _RUN:
+                    if seen is not None:
+                        seen[_m] = seen.get(_m, 0) + 1
                     return e.fn() if isinstance(e, _Live) else e
-                return _real(*args, **kwargs)
+                # the real module, with the hooks set aside (the outer call already ran the
+                # hooks added while replaying, e.g. a recorder's)
+                here = _d["forward"], _d["_forward_hooks"], _d["_forward_pre_hooks"]
+                _d["_forward_hooks"], _d["_forward_pre_hooks"] = _hooks, _pre
+                if _own is None:
+                    del _d["forward"]
+                else:
+                    _d["forward"] = _own
+                try:
+                    return _m(*args, **kwargs)
+                finally:
+                    _d["forward"], _d["_forward_hooks"], _d["_forward_pre_hooks"] = here
 
             d["forward"] = forward
         yield
@@ -310,27 +368,31 @@ class _Run:
     def __init__(self, model, inputs, known_loss, names, pivots, method, steps, lr, optimizer, opt_kwargs,
                  callback, use_cache, delivered):
         self.model, self.inputs, self.known_loss = model, inputs, known_loss
-        self.names, self.pivots = names, pivots  # user names, modules (None = the image)
+        self.names, self.pivots = names, pivots  # user names, (module, call) pairs (None = the image)
         self.method, self.steps, self.lr = method, steps, lr
         self.optimizer, self.opt_kwargs = optimizer, opt_kwargs
         self.callback, self.use_cache = callback, use_cache
-        self.delivered = delivered  # [n]: callback iterations already delivered by an earlier attempt
+        self.delivered = delivered  # [n, outputs]: iterations already delivered (by an earlier attempt too)
         self.network_input: Callable[[], Tensor] | None = None  # set when the image is a pivot
+        self.seen: dict[nn.Module, int] = {}  # calls of each module so far in the current pass
         self.t = 0
 
     # -- pieces -------------------------------------------------------------------------
     def forward(self, plan, grad: bool = True):
-        with _replayed(plan), torch.set_grad_enabled(grad):
+        with _replayed(plan, self.seen), torch.set_grad_enabled(grad):
             return self._call()
 
     def _call(self):
+        self.seen.clear()
         x = self.inputs if self.network_input is None else self.network_input()
         return self.model(*x) if isinstance(x, (tuple, list)) else self.model(x)
 
     def emit(self, outputs):
-        if self.callback is not None and self.t >= self.delivered[0]:
-            self.callback(self.t, _detach(outputs))
+        if self.t >= self.delivered[0]:
             self.delivered[0] = self.t + 1
+            self.delivered[1] = _detach(outputs)
+            if self.callback is not None:
+                self.callback(self.t, self.delivered[1])
 
     def fail(self, what: str, pivot: str):
         raise FloatingPointError(
@@ -359,9 +421,30 @@ class _Run:
         if not _finite(variables):
             self.fail("pivot activations", pivot)
 
-    def record(self, pivot, plan):
+    def pivot_hooks(self, fns: dict[int, Callable[[int, Any], Any]]) -> list:
+        """One forward hook per pivot module; ``fns[i](i, out)`` replaces the output of pivot i's call.
+
+        The hook counts the module's calls in the pass (replayed calls are counted by
+        :func:`_replayed`), so a pivot ``module#k`` touches the k-th call only.
+        """
+        by_module: dict[nn.Module, dict[int, int]] = {}
+        for i in fns:
+            m, k = self.pivots[i]
+            by_module.setdefault(m, {})[k or 0] = i
+
+        def make(m, calls):
+            def hook(module, args, out):
+                k = self.seen.get(m, 0)
+                self.seen[m] = k + 1
+                i = calls.get(k)
+                return out if i is None else fns[i](i, out)
+            return hook
+
+        return [m.register_forward_hook(make(m, calls)) for m, calls in by_module.items()]
+
+    def record(self, pivot: Pivot | None, plan):
         """One forward pass that records the prefix of ``pivot`` (and is iteration 0 of its stage)."""
-        with _replayed(plan):
+        with _replayed(plan, self.seen):
             # hooks go on after the replay has set the planned modules' own hooks aside
             rec = _Recorder(self.model, pivot, [p for p in self.pivots if p is not None])
             try:
@@ -371,32 +454,56 @@ class _Run:
         return out, rec
 
     def validate(self, rec: _Recorder):
-        for name, m in zip(self.names, self.pivots):
-            if m is not None and rec.calls[m] != 1:
+        for name, p in zip(self.names, self.pivots):
+            if p is None:
+                continue
+            m, k = p
+            n = rec.calls[m]
+            if k is None and n != 1:
+                calls = f"; name one call as '{name}#k', k = 0..{n - 1}" if n > 1 else ""
                 raise ValueError(
-                    f"pivot layer {name!r} is called {rec.calls[m]} times in one forward pass of "
-                    f"{type(self.model).__name__}; a pivot must be a module that runs exactly once"
+                    f"pivot layer {name!r} is called {n} times in one forward pass of "
+                    f"{type(self.model).__name__}{calls}"
                 )
-        order = [m for m in rec.ends if m in rec.calls]
-        if order != [m for m in self.pivots if m is not None]:
-            by_module = {m: n for n, m in zip(self.names, self.pivots)}
+            if k is not None and k >= n:
+                raise ValueError(f"pivot layer {name!r}: the module is called {n} time(s) in one forward pass "
+                                 f"of {type(self.model).__name__}, so its calls are #0..#{n - 1}")
+        wanted = [(m, k or 0) for m, k in (p for p in self.pivots if p is not None)]
+        order = [e for e in rec.ends if e in wanted]
+        if order != wanted:
+            by_call = {(m, k or 0): n for n, (m, k) in ((n, p) for n, p in zip(self.names, self.pivots) if p)}
             raise ValueError(
                 f"pivot layers must be listed in topological (forward) order: got {self.names}, "
-                f"the forward pass finishes them as {[by_module[m] for m in order]}"
+                f"the forward pass finishes them as {[by_call[e] for e in order]}"
             )
 
-    def plan(self, rec: _Recorder, keep: set) -> tuple[dict, list]:
-        """Cached outputs per module, and the (tensor, version) pairs that must stay unchanged.
+    def plan(self, rec: _Recorder, live: dict[tuple[nn.Module, int], Callable[[], Tensor]]) -> tuple[dict, list]:
+        """Entries per module for the replay, and the (tensor, version) pairs that must stay unchanged.
 
-        Pivot entries are exempt from the version check: RF adds its residual to a new
-        tensor and LF hands out copies, so the model never sees those tensors.
+        ``live`` gives the pivot calls whose value is a variable (:class:`_Live`); they are exempt
+        from the version check: RF adds its residual to a new tensor and LF hands out copies, so
+        the model never sees those tensors.  Without the cache the other calls run for real, and
+        so do the calls whose output the model changed in place before the pivot finished.
         """
+        for m, _ in (p for p in self.pivots if p is not None):
+            planned = sum(1 for c, _ in rec.cached if c is m)
+            if planned and planned != rec.calls_at_pivot.get(m, planned):
+                raise ValueError(f"pivot module {type(m).__name__} is also called inside another module before the "
+                                 "pivot; feedback_prop cannot tell its calls apart there: pick a module that runs "
+                                 "at one nesting level")
         plan: dict[nn.Module, list[Any]] = {}
-        for m, out in rec.cached:
-            if self.use_cache or m in keep:
-                plan.setdefault(m, []).append(out)
-        versions = [(t, v) for m, t, v in rec.versions if self.use_cache and m not in keep]
-        return plan, versions
+        versions: list[tuple[Tensor, int]] = []
+        for (m, out), vers, mutated in zip(rec.cached, rec.versions, rec.mutated):
+            entries = plan.setdefault(m, [])
+            fn = live.get((m, len(entries)))
+            if fn is not None:
+                entries.append(_Live(fn))
+            elif self.use_cache and not mutated:
+                entries.append(out)
+                versions += vers
+            else:
+                entries.append(_RUN)
+        return {m: e for m, e in plan.items() if any(x is not _RUN for x in e)}, versions
 
     # -- Algorithm 2 ----------------------------------------------------------------------
     def rf(self):
@@ -404,29 +511,26 @@ class _Run:
         first_raw: list[Tensor] = []
         desc = str(self.names)
 
-        def residual(i):
-            def hook(module, args, out):
-                if not isinstance(out, Tensor):
-                    raise ValueError(f"pivot layer {self.names[i]!r} returns {type(out).__name__}, not a tensor")
-                if i not in residuals:  # line 1: r^(0) := 0, shaped like the activation
-                    residuals[i] = torch.zeros_like(out, requires_grad=True)
-                    if i == 0:
-                        first_raw.append(out)  # f_1(a_0) does not change: the iterations reuse it
-                return out + residuals[i]  # eq. 5
-            return hook
+        def residual(i, out):
+            if not isinstance(out, Tensor):
+                raise ValueError(f"pivot layer {self.names[i]!r} returns {type(out).__name__}, not a tensor")
+            if i not in residuals:  # line 1: r^(0) := 0, shaped like the activation
+                residuals[i] = torch.zeros_like(out, requires_grad=True)
+                if i == 0:
+                    first_raw.append(out)  # f_1(a_0) does not change: the iterations reuse it
+            return out + residuals[i]  # eq. 5
 
         if self.pivots[0] is None:  # a_0 = X + r_0
             x = self.inputs
             residuals[0] = torch.zeros_like(x, requires_grad=True)
             self.network_input = lambda: x + residuals[0]
-        hooks = [m.register_forward_hook(residual(i)) for i, m in enumerate(self.pivots) if m is not None]
+        hooks = self.pivot_hooks({i: residual for i, p in enumerate(self.pivots) if p is not None})
         try:
             first = self.pivots[0]
             out, rec = self.record(first, {})
             self.validate(rec)
-            plan, versions = self.plan(rec, {first})
-            if first is not None:
-                plan[first] = [_Live(lambda: first_raw[0] + residuals[0])]
+            live = {} if first is None else {(first[0], first[1] or 0): lambda: first_raw[0] + residuals[0]}
+            plan, versions = self.plan(rec, live)
             _check_versions(versions)
             variables = [residuals[i] for i in range(len(self.pivots))]
             self.emit(out)
@@ -446,19 +550,19 @@ class _Run:
     # -- Algorithm 1 ----------------------------------------------------------------------
     def lf(self):
         plan: dict[nn.Module, list[Any]] = {}
-        frozen: dict[nn.Module, Tensor] = {}
+        frozen: dict[tuple[nn.Module, int], Tensor] = {}
         out = None
-        for i, (name, m) in enumerate(zip(self.names, self.pivots)):
+        for i, (name, p) in enumerate(zip(self.names, self.pivots)):
             desc = repr(name)
             holder: dict[str, Tensor] = {}
-            if m is None:  # line 1: a_0 := X, the image itself is the variable
+            if p is None:  # line 1: a_0 := X, the image itself is the variable
                 holder["a"] = self.inputs.detach().clone().requires_grad_(True)
                 # later stages keep forwarding from this (then frozen) image
                 self.network_input = lambda h=holder: h["a"].clone()
                 out, rec = self.record(None, plan)
                 new_plan, versions = {}, []
             else:
-                def take(module, args, o, h=holder, name=name):
+                def take(j, o, h=holder, name=name):
                     # line 3: a_l^(0) := Forward(a_{l-1}^(T)).  The model gets a copy, so an
                     # in-place op after the pivot cannot touch the leaf variable.
                     if not isinstance(o, Tensor):
@@ -466,15 +570,15 @@ class _Run:
                     h["a"] = o.detach().clone().requires_grad_(True)
                     return h["a"].clone()
 
-                hook = m.register_forward_hook(take)
+                hooks = self.pivot_hooks({i: take})
                 try:
-                    out, rec = self.record(m, plan)
+                    out, rec = self.record(p, plan)
                 finally:
-                    hook.remove()
-                new_plan, versions = self.plan(rec, set(frozen) | {m})
-                for f, a_f in frozen.items():
-                    new_plan[f] = [_Live(lambda a_f=a_f: a_f.clone())]
-                new_plan[m] = [_Live(lambda h=holder: h["a"].clone())]  # line 8 forwards from a_l
+                    for h in hooks:
+                        h.remove()
+                live = {key: (lambda a_f=a_f: a_f.clone()) for key, a_f in frozen.items()}
+                live[(p[0], p[1] or 0)] = lambda h=holder: h["a"].clone()  # line 8 forwards from a_l
+                new_plan, versions = self.plan(rec, live)
             if i == 0:
                 self.validate(rec)
             _check_versions(versions)
@@ -492,8 +596,8 @@ class _Run:
                 self.emit(out)
             self.t += 1
             a.requires_grad_(False)
-            if m is not None:
-                frozen[m] = a
+            if p is not None:
+                frozen[(p[0], p[1] or 0)] = a
         out = self.forward(plan, grad=False)  # line 11
         _check_versions(versions)
         self.loss(out, repr(self.names[-1]), grad=False)
@@ -526,7 +630,8 @@ def feedback_prop(
             :func:`multilabel_known_loss`, :func:`multiclass_known_loss`).  The objective is its
             sum over the batch, so a sample's result does not depend on its batch.
         layers: pivots in topological order: ``"input"``, module names of
-            ``model.named_modules()`` or paper names (``conv13``; :mod:`topdown.layers`).
+            ``model.named_modules()``, one call of a module that runs several times
+            (``"layer3.0.relu#0"``) or paper names (``conv13``, ``conv10``; :mod:`topdown.layers`).
         method: ``"lf"`` (Algorithm 1) or ``"rf"`` (Algorithm 2).
         steps: updates T per pivot (LF) or of all residuals together (RF).
         lr: update rate λ.
@@ -538,6 +643,8 @@ def feedback_prop(
             forward.  RF: ``t = 1..steps``.  LF: ``t`` counts inner iterations over all layers,
             ``t = 1..steps * len(layers)``; the outputs at the end of one layer's updates are
             the start of the next layer's (Algorithm 1 line 3), so they are reported once.
+            The callback may raise :class:`StopFeedback` to end the call after iteration t;
+            the outputs of t are then returned.
 
     Cost: the part before the first pivot runs once; every iteration is one truncated forward
     and one truncated backward from the (current, for LF) pivot, plus one last forward.
@@ -560,18 +667,25 @@ def feedback_prop(
     if not names:
         raise ValueError("feedback_prop needs at least one pivot layer")
     resolved = resolve_layers(model, names)
-    if len(set(resolved)) != len(resolved):
-        raise ValueError(f"pivot layers {names} name the same module twice ({resolved})")
+    calls = [(module, call or 0) for module, call in map(split_call, resolved)]
+    if len(set(calls)) != len(calls):
+        raise ValueError(f"pivot layers {names} name the same module call twice ({resolved})")
     if INPUT in resolved[1:]:
         raise ValueError(f"'input' can only be the first pivot layer; got {names}")
     if resolved[0] == INPUT and not isinstance(inputs, Tensor):
         raise ValueError("the 'input' pivot needs the inputs as a single tensor")
-    pivots = [None if r == INPUT else model.get_submodule(r) for r in resolved]
+    pivots: list[Pivot | None] = []
+    for r in resolved:
+        if r == INPUT:
+            pivots.append(None)
+        else:
+            module, call = split_call(r)
+            pivots.append((model.get_submodule(module), call))
 
     modes = {m: m.training for m in model.modules()}
     params = list(model.parameters())
     needs_grad = [p.requires_grad for p in params]
-    delivered = [0]
+    delivered: list[Any] = [0, None]
     try:
         model.eval()
         for p in params:
@@ -580,16 +694,21 @@ def feedback_prop(
             x = _plain(inputs)
             if steps == 0:
                 with torch.no_grad():
-                    out = model(*x) if isinstance(x, (tuple, list)) else model(x)
+                    out = _detach(model(*x) if isinstance(x, (tuple, list)) else model(x))
                 if callback is not None:
-                    callback(0, _detach(out))
-                return _detach(out)
+                    try:
+                        callback(0, out)
+                    except StopFeedback:
+                        pass
+                return out
             for use_cache in (True, False):
                 run = _Run(model, x, known_loss, names, pivots, method, int(steps), lr, optimizer,
                            optimizer_kwargs, callback, use_cache, delivered)
                 try:
                     out = run.rf() if method == "rf" else run.lf()
                     return _detach(out)
+                except StopFeedback:
+                    return delivered[1]
                 except _StaleCache:
                     if not use_cache:
                         raise RuntimeError("feedback_prop: the model changes the pivot activations in place between passes")

@@ -30,18 +30,31 @@ Basis ``U[Δ]`` (eq. 1): the paper's text is garbled at the column definition;
 we read each of the 11 groups as a quadratic in ``a``:
 ``[B, a·B, a²·B]`` for ``B`` in ``(M, U_1, ..., U_10)``, so column ``3i+k`` is
 ``a^k·B_i`` and ``w = (a_M, b_M, c_M, ..., a_U10, b_U10, c_U10)``.
+
+Both signs. The reversed pair ``(I[t∘Δ], I[t])`` is a pair of amount
+:func:`inverse_amount` ``(Δ)`` (``-Δ``; ``1/s`` for scale), so its normalised
+amount is ``-a`` in every kind (``ln(1/s) = -ln s``). The regression is fitted
+over both signs; the PCA basis comes from the forward base-amount flows only
+(the paper's ``M``, ``U_i`` of the +10° flows, Fig. 2). No basis of the other
+sign is needed: ``G[a] = g_0 + a·g_1 + a²·g_2`` with ``g_k = Σ_i w_{3i+k} B_i``,
+and the odd term ``a·g_1`` flips with the sign while the even terms ``g_0``
+(a flow at zero amount: the matcher's bias) and ``a²·g_2`` (e.g. the ``cos θ - 1``
+radial part of a rotation's displacement ``(R_θ - I)x``) do not; a reversed
+flow is close to ``-V``, which lies in the span of the same ``B_i``. Fitted on one
+sign only, the three coefficients per group are not identified for the other
+sign, and ``G[-30°]`` extrapolates the quadratic.
 """
 from __future__ import annotations
 
 import csv
 import math
 import os
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 PAPER_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -52,7 +65,6 @@ AMOUNT_UNITS: dict[str, tuple[str, float]] = {
     "translation_x": ("linear", 10.0),
     "translation_y": ("linear", 10.0),
 }
-INVERSES = ("negate", "exact", None)
 BANK_FORMAT = "topdown.generator_bank"
 BANK_VERSION = 1
 
@@ -71,6 +83,27 @@ def normalized_amount(kind: str, amount: float | torch.Tensor) -> float | torch.
     if amount <= 0:
         raise ValueError(f"{kind} amount must be a positive factor, got {amount}")
     return math.log(amount) / math.log(unit)
+
+
+def natural_amount(kind: str, a: float | torch.Tensor) -> float | torch.Tensor:
+    """Inverse of :func:`normalized_amount`: the amount in natural units (degrees, factor, pixels) of ``a``."""
+    if kind not in AMOUNT_UNITS:
+        raise ValueError(f"unknown transform kind {kind!r}; choose from {tuple(AMOUNT_UNITS)}")
+    mode, unit = AMOUNT_UNITS[kind]
+    if mode == "linear":
+        return a * unit
+    return unit ** a if isinstance(a, torch.Tensor) else math.exp(a * math.log(unit))
+
+
+def inverse_amount(kind: str, amount: float) -> float:
+    """The amount of the reversed pair ``(I[t∘Δ], I[t])``: ``-Δ``, or ``1/Δ`` for scale (a factor)."""
+    if kind not in AMOUNT_UNITS:
+        raise ValueError(f"unknown transform kind {kind!r}; choose from {tuple(AMOUNT_UNITS)}")
+    if AMOUNT_UNITS[kind][0] == "log":
+        if amount <= 0:
+            raise ValueError(f"{kind} amount must be a positive factor, got {amount}")
+        return 1.0 / amount
+    return -amount
 
 
 def phase_schedule(kinds: Sequence[str]) -> list[tuple[str, str]]:
@@ -176,15 +209,22 @@ class PCAStats:
         m = self.mean()
         return self.outer / self.count - torch.outer(m, m)
 
-    def components(self, k: int = 10, exact_below: int = 3000, iters: int = 60, seed: int = 0
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean ``M`` [D], top-``k`` principal directions ``U`` [D, k] and their variances [k].
+    def components(self, k: int = 10, exact_below: int = 3000, iters: int = 60, seed: int = 0,
+                   on_rank: str = "drop", rtol: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean ``M`` [D], top-``k`` principal directions ``U`` [D, k'] and their variances [k'].
 
         ``torch.linalg.eigh`` when D < ``exact_below``; otherwise subspace iteration
         with a Rayleigh-Ritz step on a block of ``k + 10`` vectors (the exact
         eigendecomposition of an 8,522² matrix costs minutes on a CPU). Signs are
         fixed so each direction's largest-magnitude entry is positive.
+
+        Rank check: ``n`` centred flows span at most ``n - 1`` directions, and a
+        direction whose variance is below ``rtol`` times the largest is numerically
+        null; components beyond that rank are arbitrary. ``on_rank="drop"`` keeps
+        ``k' = rank`` of them and warns how many were dropped; ``"error"`` raises.
         """
+        if on_rank not in ("drop", "error"):
+            raise ValueError(f"on_rank must be 'drop' or 'error', got {on_rank!r}")
         cov = self.covariance()
         d = cov.shape[0]
         k = min(k, d)
@@ -193,8 +233,18 @@ class PCAStats:
             vals, vecs = vals.flip(0)[:k], vecs.flip(1)[:, :k]
         else:
             vals, vecs = _subspace_top(cov, k, iters=iters, seed=seed)
+        n = int(self.count)
+        top = float(vals.max()) if vals.numel() else 0.0
+        rank = min(k, max(n - 1, 0), int((vals > rtol * top).sum()) if top > 0 else 0)
+        if rank < k:
+            msg = (f"PCA of {n} flows has rank {rank}, fewer than the {k} components asked for: "
+                   f"the {k - rank} beyond the rank are arbitrary")
+            if on_rank == "error":
+                raise ValueError(msg + "; use more pairs or fewer components (num_components)")
+            warnings.warn(msg + f"; keeping {rank}, dropping {k - rank}", stacklevel=2)
+            vals, vecs = vals[:rank], vecs[:, :rank]
         idx = vecs.abs().argmax(0)
-        signs = torch.sign(vecs[idx, torch.arange(k)])
+        signs = torch.sign(vecs[idx, torch.arange(vecs.shape[1])])
         signs[signs == 0] = 1
         return self.mean(), vecs * signs, vals.clamp_min(0)
 
@@ -311,6 +361,63 @@ class RegressionStats:
 
 # --------------------------------------------------------------------------------------------------- bank
 
+# Amounts (natural units) estimate() searches by default, beside each kind's fitted range.
+ESTIMATE_DOMAIN: dict[str, tuple[float, float]] = {"rotation": (-180.0, 180.0), "scale": (0.5, 2.0)}
+
+
+def _minimise_polynomial_error(g: torch.Tensor, v: torch.Tensor, lo: float, hi: float, newton: int = 3
+                               ) -> torch.Tensor:
+    """``argmin_{a in [lo, hi]} ‖Σ_k a^k g_k - v_b‖²`` for each row ``v_b`` of ``v`` [B, D]; ``g`` [P, D].
+
+    ``f(a) = Σ_jk a^(j+k) <g_j, g_k> - 2 Σ_k a^k <g_k, v_b> + ‖v_b‖²``; the candidates are the
+    bounds and the real roots of ``f'`` inside them.
+    """
+    p = g.shape[0]
+    gram, c = g @ g.T, v @ g.T  # [P, P], [B, P]
+    b = v.shape[0]
+    # f(a) = Σ_m coef[:, m] a^m, m = 0..2(P-1)
+    coef = torch.zeros(b, 2 * p - 1, dtype=torch.float64)
+    for j in range(p):
+        for k in range(p):
+            coef[:, j + k] += gram[j, k]
+        coef[:, j] -= 2 * c[:, j]
+    deriv = coef[:, 1:] * torch.arange(1, 2 * p - 1, dtype=torch.float64)  # f'(a), degree 2P-3
+    scale = deriv.abs().max().clamp_min(1e-300)
+    # The leading coefficients come from the Gram matrix alone, so a vanishing one vanishes for every row.
+    top = deriv.shape[1] - 1
+    while top > 0 and float(deriv[:, top].abs().max()) <= 1e-13 * float(scale):
+        top -= 1
+    cands = [torch.full((b, 1), lo, dtype=torch.float64), torch.full((b, 1), hi, dtype=torch.float64)]
+    if top >= 1:
+        lead = deriv[:, top:top + 1]
+        comp = torch.zeros(b, top, top, dtype=torch.float64)
+        comp[:, 0, :] = -deriv[:, :top].flip(1) / lead
+        if top > 1:
+            comp[:, 1:, :-1] = torch.eye(top - 1, dtype=torch.float64)
+        roots = torch.linalg.eigvals(comp)
+        real = roots.real
+        ok = roots.imag.abs() <= 1e-6 * (1 + real.abs())
+        dd = deriv[:, 1:top + 1] * torch.arange(1, top + 1, dtype=torch.float64)  # f''(a)
+        for _ in range(newton):  # polish the eigenvalue roots on f' itself
+            num = _polyval(deriv[:, :top + 1], real)
+            den = _polyval(dd, real)
+            step = torch.where(den.abs() > 0, num / den.where(den.abs() > 0, torch.ones_like(den)), torch.zeros_like(num))
+            real = torch.where(ok, real - step, real)
+        real = torch.where(ok, real.clamp(lo, hi), torch.full_like(real, lo))
+        cands.append(real)
+    cands = torch.cat(cands, dim=1)
+    best = _polyval(coef, cands).argmin(dim=1)
+    return cands.gather(1, best[:, None])[:, 0]
+
+
+def _polyval(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``Σ_m coef[:, m] x^m`` for ``coef`` [B, M] and ``x`` [B, N] (Horner)."""
+    out = torch.zeros_like(x)
+    for m in range(coef.shape[1] - 1, -1, -1):
+        out = out * x + coef[:, m:m + 1]
+    return out
+
+
 
 @dataclass
 class GeneratorModel:
@@ -327,6 +434,17 @@ class GeneratorModel:
         """``G[Δ] = U[Δ]·w_lsq`` (§3.1) as a [D] vector, for an amount in natural units."""
         a = normalized_amount(self.kind, amount)
         return basis_matrix(self.basis.to(torch.float64), a, self.degree) @ self.w.to(torch.float64)
+
+    def curve(self) -> torch.Tensor:
+        """``[degree, D]`` float64 rows ``g_k = Σ_i w_{degree·i+k} B_i``, so that ``G[a] = Σ_k a^k g_k``."""
+        w = self.w.to(torch.float64).reshape(-1, self.degree)  # [K+1, degree]
+        return (self.basis.to(torch.float64) @ w).T
+
+    @property
+    def fitted_range(self) -> tuple[float, float] | None:
+        """Smallest and largest amount (natural units) of the regression pairs, when the fit recorded them."""
+        r = (self.info or {}).get("amount_range")
+        return None if r is None else (float(r[0]), float(r[1]))
 
 
 class GeneratorBank:
@@ -364,6 +482,48 @@ class GeneratorBank:
         if kind not in self.models:
             raise KeyError(f"no generator of kind {kind!r} in the bank; it holds {self.kinds}")
         return self.layout.unflatten(self.models[kind].flow_vector(amount).to(dtype))
+
+    def search_range(self, kind: str) -> tuple[float, float]:
+        """Default amounts (natural units) :meth:`estimate` searches: the kind's domain and its fitted range.
+
+        Domain: rotation ±180°, translations ± half the image side, scale 0.5x-2x; so amounts
+        beyond the fitted range (e.g. rotations over 60° from a 10-60° fit, §3.2) can be estimated.
+        """
+        lo, hi = ESTIMATE_DOMAIN[kind] if kind in ESTIMATE_DOMAIN else (-0.5 * self.image_size, 0.5 * self.image_size)
+        fitted = self.models[kind].fitted_range if kind in self.models else None
+        if fitted is not None:
+            lo, hi = min(lo, fitted[0]), max(hi, fitted[1])
+        return lo, hi
+
+    def estimate(self, kind: str, flows: torch.Tensor | Mapping[str, torch.Tensor],
+                 bounds: tuple[float, float] | None = None) -> torch.Tensor:
+        """Zero-shot amount (§3.2): per flow, the Δ whose generator best explains it, ``argmin_Δ ‖G[Δ] - V‖²``.
+
+        ``flows``: ``[B, D]`` in the bank's layout order (:class:`FlowLayout`), or ``{layer: [B, 2, H, W]}``
+        as :func:`feature_flows` returns. Returns float32 ``[B]`` in natural units (degrees, scale factor,
+        pixels). ``bounds``: the amounts searched (natural units, default :meth:`search_range`).
+
+        With ``G[a] = Σ_k a^k g_k`` (:meth:`GeneratorModel.curve`) the squared error is a polynomial in
+        ``a`` (a quartic for the quadratic basis of eq. 1): its minimum over ``[lo, hi]`` is at a real root
+        of the derivative (companion-matrix eigenvalues, then Newton steps) or at a bound. A generator's own
+        flow ``G[Δ]`` gives error 0 at ``Δ``, and only there when ``g_1`` and ``g_2`` are independent.
+        """
+        if kind not in self.models:
+            raise KeyError(f"no generator of kind {kind!r} in the bank; it holds {self.kinds}")
+        if isinstance(flows, Mapping):
+            v = self.layout.flatten(flows)
+        else:
+            v = torch.as_tensor(flows)
+            if v.dim() != 2 or v.shape[1] != self.layout.dim:
+                raise ValueError(f"estimate: flows must be [B, {self.layout.dim}] ({'/'.join(self.layout.names)} "
+                                 f"flattened) or a dict by layer, got shape {tuple(v.shape)}")
+        v = v.detach().to(torch.float64).cpu()
+        lo, hi = self.search_range(kind) if bounds is None else (float(bounds[0]), float(bounds[1]))
+        a_lo, a_hi = (float(normalized_amount(kind, x)) for x in (lo, hi))
+        if not a_lo <= a_hi:
+            raise ValueError(f"estimate: empty search range {(lo, hi)} for {kind}")
+        a = _minimise_polynomial_error(self.models[kind].curve(), v, a_lo, a_hi)
+        return natural_amount(kind, a).to(torch.float32)
 
     def state_dict(self) -> dict:
         return {
@@ -406,134 +566,8 @@ class GeneratorBank:
 
 # --------------------------------------------------------------------------------------------------- warping
 
-
-def _base_grid(h: int, w: int, device, dtype) -> torch.Tensor:
-    ys = torch.arange(h, device=device, dtype=dtype)
-    xs = torch.arange(w, device=device, dtype=dtype)
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack((gx, gy))  # [2, H, W] pixel coordinates (x, y)
-
-
-def sample_at(features: torch.Tensor, displacement: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
-    """``out[y] = features[y + displacement(y)]`` by bilinear sampling (pixel units, differentiable)."""
-    b, _, h, w = features.shape
-    disp = displacement if displacement.dim() == 4 else displacement[None]
-    disp = disp.to(features.dtype).expand(b, 2, h, w)
-    pos = _base_grid(h, w, features.device, features.dtype)[None] + disp
-    # align_corners=False: pixel i's centre is at normalised (2i + 1)/W - 1.
-    grid = torch.stack(((2 * pos[:, 0] + 1) / w - 1, (2 * pos[:, 1] + 1) / h - 1), dim=-1)
-    return F.grid_sample(features, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
-
-
-def invert_flow(flow: torch.Tensor, iters: int = 30) -> torch.Tensor:
-    """Displacement ``d`` with ``ψ(y) = y + d(y)`` inverting ``φ(x) = x + flow(x)``.
-
-    Fixed-point iteration ``d ← -flow(y + d)`` from ``d = -flow(y)`` (the
-    paper's negation, Fig. A2); it converges where the field's Jacobian has
-    norm below one. Border values of ``flow`` are extended outside the map.
-    """
-    f = flow if flow.dim() == 4 else flow[None]
-    d = -f
-    for _ in range(iters):
-        d = -sample_at(f, d, padding_mode="border")
-    return d if flow.dim() == 4 else d[0]
-
-
-def _warp_one(features: torch.Tensor, flow: torch.Tensor, inverse: str | None, padding_mode: str,
-              iters: int) -> torch.Tensor:
-    if features.dim() != 4:
-        raise ValueError(f"features must be [B, C, H, W], got {tuple(features.shape)}")
-    if tuple(flow.shape[-2:]) != tuple(features.shape[-2:]) or flow.shape[-3] != 2:
-        raise ValueError(f"flow {tuple(flow.shape)} does not fit features {tuple(features.shape)}: need [.., 2, H, W]")
-    flow = flow.to(device=features.device, dtype=features.dtype)
-    if inverse is None:
-        disp = flow
-    elif inverse == "negate":
-        disp = -flow
-    else:
-        disp = invert_flow(flow, iters)
-    return sample_at(features, disp, padding_mode)
-
-
-def warp_features(features, flow, inverse: str | None = "negate", padding_mode: str = "zeros", iters: int = 30):
-    """Apply a flow (a generator, §3.1) to feature maps; differentiable in both.
-
-    ``features`` and ``flow`` are tensors (``[B, C, H, W]`` and ``[2, H, W]`` or
-    ``[B, 2, H, W]``) or dicts by layer name (every layer of ``features`` needs
-    a flow; the flow is in that layer's pixel units).
-
-    With a flow ``V`` from ``F1`` to ``F2`` (``F2(x + V(x)) ≈ F1(x)``):
-
-    * ``inverse="negate"`` (default): ``out(y) = F(y - V(y))``, the paper's
-      approximate inverse of the displacement. ``warp_features(F[t], G[Δ])``
-      approximates ``F[t + Δ]``; applying ``-G[Δ]`` next approximately undoes it (Fig. A2).
-    * ``inverse="exact"``: ``out(y) = F(ψ(y))`` with ``ψ`` the inverse of
-      ``x ↦ x + V(x)`` (:func:`invert_flow`): exact for smooth, non-folding fields.
-    * ``inverse=None``: ``out(x) = F(x + V(x))``, the pull-back: maps ``F2`` onto ``F1``'s frame.
-
-    Positions outside the map read ``padding_mode`` (``"zeros"``: features
-    beyond the border are unknown).
-    """
-    if inverse not in INVERSES:
-        raise ValueError(f"unknown inverse {inverse!r}; choose from {INVERSES}")
-    if isinstance(features, Mapping):
-        if not isinstance(flow, Mapping):
-            raise TypeError("features is a dict by layer, so flow must be a dict by layer too")
-        missing = [n for n in features if n not in flow]
-        if missing:
-            raise KeyError(f"no flow for layer(s) {missing}; flows given for {sorted(flow)}")
-        return {n: _warp_one(f, flow[n], inverse, padding_mode, iters) for n, f in features.items()}
-    return _warp_one(features, flow, inverse, padding_mode, iters)
-
-
-class GeneratorWarp(nn.Module):
-    """Network-internal augmentation by generators (§3.3, Fig. 5): warp a layer's output.
-
-    In training mode each sample is, with probability ``p``, warped by one
-    generator drawn uniformly from ``flows`` [G, 2, H, W]; in eval mode the
-    module is the identity. A flow learned at another map size is resized
-    bilinearly and its (u, v) rescaled by the size ratio.
-    """
-
-    def __init__(self, flows: torch.Tensor, p: float = 0.5, inverse: str | None = "negate",
-                 padding_mode: str = "zeros"):
-        super().__init__()
-        flows = torch.as_tensor(flows, dtype=torch.float32)
-        if flows.dim() == 3:
-            flows = flows[None]
-        if flows.dim() != 4 or flows.shape[1] != 2:
-            raise ValueError(f"GeneratorWarp needs flows [G, 2, H, W], got {tuple(flows.shape)}")
-        if not 0 <= p <= 1:
-            raise ValueError(f"GeneratorWarp: p must be in [0, 1], got {p}")
-        if inverse not in INVERSES:
-            raise ValueError(f"unknown inverse {inverse!r}; choose from {INVERSES}")
-        self.register_buffer("flows", flows)
-        self.p, self.inverse, self.padding_mode = p, inverse, padding_mode
-
-    @classmethod
-    def from_bank(cls, bank: GeneratorBank, layer: str, generators: Sequence[tuple[str, float]], **kwargs
-                  ) -> "GeneratorWarp":
-        """Generators ``[(kind, amount), ...]`` of ``bank`` at ``layer`` (a paper name such as ``conv5``)."""
-        if layer not in bank.layout.names:
-            raise KeyError(f"layer {layer!r} not in the bank; it holds {bank.layout.names}")
-        return cls(torch.stack([bank.generator(k, a)[layer] for k, a in generators]), **kwargs)
-
-    def _flows_for(self, h: int, w: int) -> torch.Tensor:
-        f = self.flows
-        if tuple(f.shape[-2:]) == (h, w):
-            return f
-        fh, fw = f.shape[-2:]
-        f = F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
-        return f * torch.tensor([w / fw, h / fh], dtype=f.dtype, device=f.device)[None, :, None, None]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        b = x.shape[0]
-        flows = self._flows_for(*x.shape[-2:])
-        pick = torch.randint(flows.shape[0], (b,), device=x.device)
-        keep = (torch.rand(b, device=x.device) < self.p).to(flows.dtype)[:, None, None, None]
-        return _warp_one(x, flows[pick] * keep, self.inverse, self.padding_mode, iters=30)
+# Applying flows and generator training (§3.3) live in topdown/warp.py; re-exported for existing callers.
+from topdown.warp import INVERSES, GeneratorWarp, invert_flow, sample_at, warp_features  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------------------------------- features
@@ -571,11 +605,15 @@ class ConvFeatures(nn.Module):
     """AlexNet conv1..conv5 (after ReLU) of an image batch, as ``{paper name: [B, C, H, W]}`` (§2.1.2).
 
     Only ``model.features`` up to the last requested layer is kept.
-    ``weights``: a local state-dict or checkpoint file (:func:`topdown.backbones.load_state`);
-    ``None`` keeps torchvision's random initialisation.
+    ``weights``: a local state-dict or checkpoint file (:func:`topdown.backbones.load_state`: a plain
+    state dict, or a Lightning checkpoint whose keys carry a ``net.``/``model.`` prefix);
+    ``None`` keeps torchvision's random initialisation drawn from ``init_seed`` alone (not the global
+    RNG), so every command without weights (the bank, the zero-shot estimate, the inversion decoders,
+    the pictures) sees the same random AlexNet.
     """
 
-    def __init__(self, layers: Sequence[str] = PAPER_LAYERS, weights: str | None = None, arch: str = "alexnet"):
+    def __init__(self, layers: Sequence[str] = PAPER_LAYERS, weights: str | None = None, arch: str = "alexnet",
+                 init_seed: int = 0):
         super().__init__()
         import torchvision
 
@@ -585,9 +623,12 @@ class ConvFeatures(nn.Module):
         with torch.device("meta"):
             model = torchvision.models.get_model(arch, weights=None)
         model.features.to_empty(device="cpu")
-        for m in model.features.modules():
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            for m in model.features.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+        self.init_seed = init_seed
         names = paper_layer_names(model)
         unknown = [n for n in layers if n not in names]
         if unknown:
@@ -608,6 +649,21 @@ class ConvFeatures(nn.Module):
         self.index_of = {i: n for n, i in idx.items()}
         self.features = model.features[: max(idx.values()) + 1]
         self.pretrained = bool(weights)
+
+    @classmethod
+    def for_bank(cls, bank: "GeneratorBank", weights: str | None = None, layers: Sequence[str] | None = None
+                 ) -> "ConvFeatures":
+        """The AlexNet a bank was fitted with: its ``meta`` weights file (or ``weights``) and random-init seed.
+
+        Passing other ``weights`` than the bank's warns: flows of other features do not match its generators.
+        """
+        fitted = bank.meta.get("weights")
+        if weights is None:
+            weights = fitted
+        elif fitted != weights:
+            warnings.warn(f"the bank was fitted with AlexNet weights {fitted!r}, features now come from "
+                          f"{weights!r}: its generators describe other features", stacklevel=2)
+        return cls(tuple(layers or bank.layout.names), weights, init_seed=int(bank.meta.get("init_seed", 0)))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         out, x = {}, images

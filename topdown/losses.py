@@ -1,23 +1,34 @@
 """Losses of the feedback-prop paper."""
 from __future__ import annotations
 
+import warnings
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
 
-def label_weights(labels: torch.Tensor) -> torch.Tensor:
-    """lambda_j = #negatives / #positives of label j over the training split (feedback-prop eq. 6).
+def label_weights(labels: torch.Tensor, names: Sequence[str] | None = None) -> torch.Tensor:
+    """lambda_j = #negatives / #positives of label j over the training split (feedback-prop eq. 6), float32 [K].
 
-    A label with no positive gets the largest finite weight so it cannot blow up the loss.
+    ``labels`` is the 0/1 matrix [N, K] (any dtype; counted without a float copy). A label with no
+    positive would get an infinite weight; it gets the largest finite weight instead, with a
+    warning naming the labels (``names[j]`` when given).
     """
-    labels = labels.float()
-    pos = labels.sum(0)
-    neg = labels.shape[0] - pos
-    w = neg / pos.clamp_min(1)
-    finite = w[pos > 0]
-    if finite.numel():
-        w = torch.where(pos > 0, w, finite.max())
-    return w
+    labels = torch.as_tensor(labels)
+    pos = labels.sum(0, dtype=torch.float64)
+    w = (labels.shape[0] - pos) / pos.clamp_min(1)
+    missing = pos == 0
+    if missing.any():
+        finite = w[~missing]
+        fill = float(finite.max()) if finite.numel() else 1.0
+        idx = missing.nonzero().flatten().tolist()
+        words = [names[j] if names is not None else str(j) for j in idx]
+        warnings.warn(f"{len(words)} labels have no positive training image ({', '.join(words[:10])}"
+                      f"{', ...' if len(words) > 10 else ''}); their weight is the largest finite one, {fill:.1f}",
+                      stacklevel=2)
+        w = torch.where(missing, torch.full_like(w, fill), w)
+    return w.float()
 
 
 def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

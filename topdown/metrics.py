@@ -15,6 +15,7 @@ true label set) for anyone who wants a hierarchy-aware score; Table 1 does not u
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -40,33 +41,57 @@ def multiclass_accuracy(preds: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return (_as_class_index(preds) == target.long()).float().mean()
 
 
-def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def average_precision(scores: torch.Tensor, labels: torch.Tensor, block: int = 256) -> torch.Tensor:
     """Per-class average precision ``[K]`` of ``scores [N, K]`` against 0/1 ``labels [N, K]``.
 
-    AP_k = mean over the positives of the precision at their rank (non-interpolated, as in
-    feedback-prop §4.1 and §4.2). A class without positives gets NaN.
+    AP_k = mean over the positives p of class k of precision at p's score,
+    #positives scoring >= s_p / #samples scoring >= s_p: the area under the precision-recall
+    curve of feedback-prop §4.1 and §4.2, non-interpolated.  Tied scores are one threshold, so
+    the result does not depend on the order of the samples (DDP ranks gather them in another
+    order than one process reads them).  A class without positives gets NaN.  Scores must be
+    finite; any monotone transform of them (logits or probabilities) gives the same AP.
+
+    This is the one AP of the project: ``LabelMAP``, the feedback-prop evaluation and Table 1
+    all call it.  It sorts ``block`` classes at a time on the CPU (numpy's vectorised sort) and
+    never the positives' ranks of more than one class at once, so its temporaries stay at
+    ``block x N`` values.
     """
     _check_batch(scores, labels, "average_precision")
-    if scores.shape != labels.shape:
+    if scores.shape != labels.shape or scores.dim() != 2:
         raise ValueError(f"average_precision: scores {tuple(scores.shape)} vs labels {tuple(labels.shape)}")
-    order = scores.float().argsort(dim=0, descending=True, stable=True)
-    hits = labels.float().gather(0, order)
-    ranks = torch.arange(1, scores.shape[0] + 1, dtype=torch.float32, device=scores.device).unsqueeze(1)
-    precision_at_hit = hits.cumsum(0) / ranks * hits
-    positives = hits.sum(0)
-    ap = precision_at_hit.sum(0) / positives.clamp_min(1)
-    return torch.where(positives > 0, ap, torch.full_like(ap, float("nan")))
+    x = scores.detach().float().cpu().numpy()
+    y = labels.detach().cpu().numpy() != 0
+    n, k = x.shape
+    bad = int(np.count_nonzero(~np.isfinite(x)))
+    if bad:
+        raise ValueError(f"average_precision: {bad} of {x.size} scores are NaN or infinite")
+    out = np.full(k, np.nan, dtype=np.float64)
+    for start in range(0, k, block):
+        xs = np.ascontiguousarray(x[:, start:start + block].T)  # one class per row
+        ys = np.ascontiguousarray(y[:, start:start + block].T)
+        ordered = np.sort(xs, axis=1)
+        for j in range(xs.shape[0]):
+            pos = xs[j][ys[j]]
+            if pos.size:
+                at_least = n - np.searchsorted(ordered[j], pos, side="left")
+                pos_at_least = pos.size - np.searchsorted(np.sort(pos), pos, side="left")
+                out[start + j] = np.mean(pos_at_least / at_least)
+    return torch.from_numpy(out).float().to(scores.device)
 
 
 def mean_average_precision(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """mAP over the fine categories: mean of :func:`average_precision`, skipping classes with no positive.
+    """mAP: mean of :func:`average_precision` over the classes that have a positive.
 
     ``target`` is class indices ``[N]`` (one-hot'd to ``scores``' width) or 0/1 labels ``[N, K]``.
     """
     labels = target if target.dim() == 2 else torch.nn.functional.one_hot(target.long(), scores.shape[1])
-    ap = average_precision(scores, labels)
-    ap = ap[~ap.isnan()]
-    return ap.mean() if ap.numel() else torch.tensor(float("nan"))
+    return nan_mean(average_precision(scores, labels))
+
+
+def nan_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean of the non-NaN entries (the classes that have a positive), NaN when there is none."""
+    values = values[~values.isnan()]
+    return values.mean() if values.numel() else torch.tensor(float("nan"))
 
 
 def confusion_counts(preds: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, ...]:

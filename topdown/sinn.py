@@ -20,13 +20,12 @@ Three label levels, ordered top-down: ``coarse`` (3 on SUN397), ``general`` (16)
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from topdown.backbones import build_backbone, load_matching
+from topdown.backbones import build_backbone, load_weights, weights_path
 
 LEVELS = ("coarse", "general", "fine")
 DEFAULT_THRESHOLD = 0.05
@@ -111,7 +110,7 @@ def coarse_known_loss(known_coarse: torch.Tensor, fine_to_coarse: torch.Tensor, 
 # ---------------------------------------------------------------- backbones
 
 
-def feature_trunk(backbone: str = "alexnet", weights: str | None = None) -> tuple[nn.Module, int]:
+def feature_trunk(backbone: str = "alexnet", weights: str | None = None, partial: bool = False) -> tuple[nn.Module, int]:
     """A torchvision model whose last linear layer is the identity, and its feature width.
 
     The penultimate features are what Baseline + PL concatenates the partial labels to and what
@@ -120,16 +119,17 @@ def feature_trunk(backbone: str = "alexnet", weights: str | None = None) -> tupl
 
     ``weights``: a local file (plain state dict, ``{"state_dict": ...}`` checkpoint such as the
     Places365 AlexNet of feedback-prop §4.2, or a checkpoint of this module's networks, whose
-    trunk is reused), keys remapped by :func:`topdown.backbones.torchvision_keys`; or a cached torchvision weights
-    name; random initialisation when None.
+    trunk is reused), keys remapped by :func:`topdown.backbones.torchvision_keys`; or a cached
+    torchvision weights name; random initialisation when None.  Every trunk tensor must be in the
+    file unless ``partial`` (:func:`topdown.backbones.load_weights`); the report is kept in
+    ``model.topdown_weights``.
     """
-    is_file = weights is not None and Path(weights).is_file()
-    model = build_backbone(backbone, 1, head="linear", weights=None if is_file else weights)
+    model = build_backbone(backbone, 1, head="linear")
     name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
-    if is_file:
-        load_matching(model, weights)
+    if weights:
+        model.topdown_weights = load_weights(model, weights_path(weights), partial=partial)
     return model, last.in_features
 
 
