@@ -538,7 +538,8 @@ def image(path: str | Path) -> Any:
 
 
 def log_wandb(trainer: Trainer, items: dict[str, Any]) -> None:
-    """Log tables (:func:`table`) and images (:func:`image`) to every WandbLogger, on rank 0."""
+    """Log tables (:func:`table`; a cell may be an :func:`image`) and images (:func:`image`) to every
+    WandbLogger, on rank 0."""
     if not trainer.is_global_zero:
         return
     loggers = wandb_loggers(trainer)
@@ -554,11 +555,20 @@ def log_wandb(trainer: Trainer, items: dict[str, Any]) -> None:
             cols: list[str] = []
             for r in value:
                 cols += [c for c in r if c not in cols]
-            payload[key] = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in value])
+            payload[key] = wandb.Table(columns=cols, data=[[_cell(r.get(c)) for c in cols] for r in value])
         else:
             payload[key] = wandb.Image(value)
     for lg in loggers:
         lg.experiment.log(payload)
+
+
+def _cell(value: Any) -> Any:
+    """A table cell; an :func:`image` in a row becomes a ``wandb.Image`` (tables of examples)."""
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == "image":
+        import wandb
+
+        return wandb.Image(value[1])
+    return value
 
 
 def log_metrics(trainer: Trainer, metrics: dict[str, float]) -> None:

@@ -72,6 +72,9 @@ class _Protocol:
         if hasattr(cli.model, "fine_to_coarse"):  # hierarchical scenes: the coarse categories are known (§4.2)
             self.evidence = CoarseLabelEvidence(self.hparams["num_classes"], self.hparams["num_coarse"])
             return
+        if callable(getattr(cli.model, "feedback_evidence", None)):  # the model names its evidence (captions, §4.4)
+            self.evidence = cli.model.feedback_evidence(fb, self.out)
+            return
         dm = cli.datamodule
         self.vocabulary = list(getattr(dm, "vocabulary", None) or [])
         if not self.vocabulary:

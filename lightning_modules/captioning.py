@@ -3,11 +3,16 @@
 
 Loss = caption cross-entropy (teacher forcing) + ``object_loss_weight`` x eq. 6 on the object head.
 Every validation and test epoch decodes the split with beam search, gathers the captions of all
-DDP ranks (each image once), scores them in one call (:func:`topdown.captions.score_caption_sets`),
+DDP ranks (:class:`DecodedCaptions`; the evaluation sampler gives each image to one rank), scores
+them in one call (:func:`topdown.captions.score_caption_sets`),
 writes them as a COCO results file in the run folder and logs ``<stage>/BLEU-1..4``,
 ``<stage>/METEOR``, ``<stage>/ROUGE-L``, ``<stage>/CIDEr`` beside the object head's ``<stage>/map``,
 ``<stage>/skipped`` (unreadable images) and ``<stage>/skipped_no_instances``. The best checkpoint
 is chosen by ``val/CIDEr`` (registry preset).
+
+Feedback-prop (``evaluate.py --feedback.*``, Table 6) asks the module for its evidence,
+:meth:`CaptioningModule.feedback_evidence`: the object labels known, the caption the target
+(:class:`topdown.captions.CaptionEvidence`).
 """
 from __future__ import annotations
 
@@ -16,10 +21,12 @@ from typing import Literal, Optional
 
 import torch
 from lightning.pytorch import LightningModule
-from torchmetrics import SumMetric
+from torchmetrics import Metric, SumMetric
+from torchmetrics.utilities.data import dim_zero_cat
 
 from lightning_modules.metrics import LabelMAP
-from topdown.captions import METRICS, CaptionVocab, gather_rows, score_caption_sets, start_meteor, write_coco_results
+from topdown.captions import (METRICS, CaptionEvidence, CaptionVocab, score_caption_sets, start_meteor,
+                              write_coco_results)
 from topdown.decoder import CaptionNet, caption_loss
 from topdown.losses import weighted_bce
 
@@ -32,6 +39,7 @@ class CaptioningModule(LightningModule):
         num_objects, object_weights, vocabulary: linked from the datamodule (K, eq. 6's lambda_j,
             the caption words).
         weights: pretrained trunk weights, a local file or a cached torchvision weights name.
+        partial_weights: accept a weights file that holds only part of the trunk.
         object_loss_weight: lambda of ``caption CE + lambda * object loss``.
         lr, trunk_lr: Adam rates of the heads and of the trunk (``trunk_lr`` None: ``lr``).
         freeze_trunk_epochs: train the heads only (trunk frozen, BatchNorm statistics too) for
@@ -49,6 +57,7 @@ class CaptioningModule(LightningModule):
         object_weights: Optional[torch.Tensor] = None,
         vocabulary: Optional[list[str]] = None,
         weights: Optional[str] = None,
+        partial_weights: bool = False,
         embed_dim: int = 512,
         hidden_dim: int = 512,
         dropout: float = 0.5,
@@ -73,14 +82,15 @@ class CaptioningModule(LightningModule):
         if bad:
             raise ValueError(f"unknown caption metrics {bad}; choose from {METRICS}")
         self.metrics = tuple(metrics) if metrics else METRICS
-        self.net = CaptionNet(backbone, num_objects, len(self.vocab), weights, embed_dim, hidden_dim, dropout)
+        self.net = CaptionNet(backbone, num_objects, len(self.vocab), weights, embed_dim, hidden_dim, dropout,
+                              partial_weights=partial_weights)
         w = torch.ones(num_objects) if object_weights is None else torch.as_tensor(object_weights).float()
         if w.shape != (num_objects,):
             raise ValueError(f"object_weights has shape {tuple(w.shape)}, expected ({num_objects},)")
         self.register_buffer("object_weights", w)
         self.maps = torch.nn.ModuleDict({s: LabelMAP(num_objects) for s in ("val", "test")})
         self.skipped = torch.nn.ModuleDict({s: SumMetric() for s in ("val", "test")})
-        self._decoded: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
+        self.decoded = torch.nn.ModuleDict({s: DecodedCaptions() for s in ("val", "test")})
         self.last_captions: dict[str, dict[int, str]] = {}
 
     def forward(self, images: torch.Tensor, captions: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
@@ -116,7 +126,7 @@ class CaptioningModule(LightningModule):
 
     # ---------------------------------------------------------------- evaluation
     def _start(self, stage: str) -> None:
-        self._decoded[stage] = []
+        self.decoded[stage].reset()
         if "METEOR" in self.metrics and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             start_meteor()  # the JVM loads while the split is decoded
 
@@ -137,7 +147,7 @@ class CaptioningModule(LightningModule):
         self.log(f"{stage}/caption_loss", losses["caption_loss"], batch_size=images.shape[0])
         self.maps[stage].update(torch.sigmoid(out["objects"]), labels.long())
         tokens = self.net.decode(out["features"], self.hparams.beam_size, self.hparams.max_decode_len)
-        self._decoded[stage].append((index, tokens))
+        self.decoded[stage].update(index, tokens)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -151,18 +161,9 @@ class CaptioningModule(LightningModule):
     def on_test_epoch_end(self) -> None:
         self._finish("test")
 
-    def gathered_tokens(self, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decoded captions of all ranks: ``(index [N], tokens [N, L])``, each image once."""
-        parts = self._decoded[stage]
-        length = self.hparams.max_decode_len
-        index = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, dtype=torch.long, device=self.device)
-        tokens = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, length, dtype=torch.long,
-                                                                            device=self.device)
-        return gather_rows(index, tokens)
-
     def _finish(self, stage: str) -> None:
-        index, tokens = self.gathered_tokens(stage)
-        self._decoded[stage] = []
+        index, tokens = self.decoded[stage].compute()
+        self.decoded[stage].reset()
         m, skipped = self.maps[stage], self.skipped[stage]
         if self.trainer.sanity_checking:
             m.reset(), skipped.reset()
@@ -195,6 +196,21 @@ class CaptioningModule(LightningModule):
     def results_dir(self) -> Path:
         return Path(self.hparams.results_dir or self.trainer.default_root_dir)
 
+    # ------------------------------------------------------------------ feedback-prop
+    def feedback_evidence(self, fb=None, out_dir=None) -> CaptionEvidence:
+        """What ``evaluate.py --feedback.*`` evaluates on this model (§4.4, Table 6): every object
+        label known, the caption decoded with this module's beam size and length, COCO results
+        files in ``out_dir``."""
+        if fb is not None:
+            unused = [f"--feedback.{k}" for k in ("unknown_file", "num_unknown", "num_known") if fb.get(k) is not None]
+            if unused:
+                raise ValueError(f"{', '.join(unused)} do not apply to the captioning model: all of its object labels "
+                                 "are the known evidence and the caption is the unknown target (§4.4)")
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        return CaptionEvidence(self.hparams.num_objects, self.hparams.max_decode_len, self.hparams.beam_size,
+                               vocab=self.vocab, object_names=getattr(dm, "object_names", None),
+                               metrics=self.metrics, results_dir=out_dir)
+
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["caption_vocabulary"] = list(self.vocab.words)
@@ -216,3 +232,26 @@ class CaptioningModule(LightningModule):
         if self.hparams.optimizer == "adam":
             return torch.optim.Adam(groups, weight_decay=self.hparams.weight_decay)
         return torch.optim.SGD(groups, momentum=0.9, weight_decay=self.hparams.weight_decay)
+
+
+class DecodedCaptions(Metric):
+    """The decoded captions of a split, ``(index [N], tokens [N, L])`` sorted by index, gathered from every
+    DDP rank when computed (the evaluation sampler does not pad, so each image comes once)."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("index", default=[], dist_reduce_fx="cat")
+        self.add_state("tokens", default=[], dist_reduce_fx="cat")
+
+    def update(self, index: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.index.append(index.detach().long())
+        self.tokens.append(tokens.detach().long())
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.index, list) and not self.index:  # a list until DDP synced it into a tensor
+            return torch.zeros(0, dtype=torch.long, device=self.device), torch.zeros(0, 0, dtype=torch.long)
+        index, tokens = dim_zero_cat(self.index), dim_zero_cat(self.tokens)
+        order = torch.argsort(index)
+        return index[order], tokens[order]

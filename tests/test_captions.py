@@ -1,4 +1,4 @@
-"""Caption metrics against pycocoevalcap called the standard way; read-only package folder; DDP row gather."""
+"""Caption metrics against pycocoevalcap called the standard way; read-only package folder; tokenizations cached."""
 from __future__ import annotations
 
 import contextlib
@@ -8,9 +8,9 @@ import os
 import sys
 
 import pytest
-import torch
 
-from topdown.captions import METRICS, _METEOR, _package_dir, caption_scores, gather_rows, score_caption_sets
+import topdown.captions as captions
+from topdown.captions import METRICS, _METEOR, _package_dir, caption_scores, score_caption_sets
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,16 @@ def test_whole_split_in_one_call(refs_and_candidates):
     assert both[1]["BLEU-4"] > 0.99  # a reference scored against a set that contains it
 
 
-def test_gather_rows_single_process_sorts_and_drops_duplicates():
-    index, rows = gather_rows(torch.tensor([5, 1, 5, 3]), torch.tensor([[50], [10], [51], [30]]))
-    assert index.tolist() == [1, 3, 5] and rows.flatten().tolist() == [10, 30, 50]
+def test_cached_tokenizations_give_the_same_figures(refs_and_candidates, monkeypatch):
+    refs, cands = refs_and_candidates
+    cache: dict[str, str] = {}
+    first = score_caption_sets(refs, [cands], ("BLEU-4", "CIDEr"), tokenized=cache)
+    assert first == score_caption_sets(refs, [cands], ("BLEU-4", "CIDEr"))  # the cache changes nothing
+    assert set(cache) == {c for v in refs.values() for c in v} | set(cands.values())
+
+    def no_java(sentences):
+        assert not sentences, f"tokenized again: {sentences[:3]}"
+        return []
+
+    monkeypatch.setattr(captions, "ptb_tokenize", no_java)  # a second evaluation of the split reuses them
+    assert score_caption_sets(refs, [cands], ("BLEU-4", "CIDEr"), tokenized=cache) == first

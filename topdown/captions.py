@@ -40,6 +40,8 @@ from typing import Hashable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from topdown.evidence import Evidence, KnownDraw
+
 # ---------------------------------------------------------------------------------------
 # Vocabulary
 # ---------------------------------------------------------------------------------------
@@ -254,12 +256,14 @@ def _check(references: Mapping, candidates: Mapping, what: str) -> None:
 
 def score_caption_sets(references: Mapping[Hashable, Sequence[str]],
                        candidate_sets: Sequence[Mapping[Hashable, str]],
-                       metrics: Sequence[str] = METRICS) -> list[dict[str, float]]:
+                       metrics: Sequence[str] = METRICS, tokenized: dict[str, str] | None = None) -> list[dict[str, float]]:
     """:func:`caption_scores` of several candidate sets against the same references.
 
     One tokenizer call for everything; each set is scored on its own (every set must cover the
     same ids as ``references``). ``metrics`` picks a subset of :data:`METRICS` (without METEOR no
-    JVM is started for it).
+    JVM is started for it). ``tokenized``: a cache of PTB tokenizations (raw sentence -> tokens)
+    kept by the caller across calls; only sentences not in it go to the tokenizer, which
+    tokenizes each line on its own (``-preserveLines``), so the figures do not change.
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -276,7 +280,12 @@ def score_caption_sets(references: Mapping[Hashable, Sequence[str]],
     flat = [r for k in ids for r in references[k]]
     for cands in candidate_sets:
         flat += [cands[k] for k in ids]
-    tokens = iter(ptb_tokenize(flat))
+    if tokenized is None:
+        tokens = iter(ptb_tokenize(flat))
+    else:
+        new = list(dict.fromkeys(x for x in flat if x not in tokenized))
+        tokenized.update(zip(new, ptb_tokenize(new)))
+        tokens = iter([tokenized[x] for x in flat])
     gts = {k: [next(tokens) for _ in references[k]] for k in ids}
     results = []
     for _ in candidate_sets:
@@ -360,39 +369,125 @@ def mention_scores(captions: Sequence[str], labels: np.ndarray, names: Sequence[
 
 
 # ---------------------------------------------------------------------------------------
-# DDP: rows of every rank, each sample once
+# Feedback-prop on captions (§4.4, Table 6): the object labels are the known evidence
 # ---------------------------------------------------------------------------------------
 
-def gather_rows(index: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """All ranks' ``(index [n], rows [n, ...])``, sorted by index with duplicates dropped.
+class CaptionEvidence(Evidence):
+    """§4.4 (Table 6): the true object labels are known, the caption is the unknown target.
 
-    Ranks may hold different numbers of rows (the evaluation sampler does not pad): sizes are
-    gathered first and the rows padded to the largest. Without a process group the input comes
-    back sorted. Every rank gets the same result.
+    Known: all K object labels, binary cross-entropy on the ``objects`` head (one draw).
+    Unknown: the caption, decoded with beam search (``beam_size``, ``max_len``; 1 = greedy)
+    from the trunk ``features`` at every reported iteration; t = 0 is the plain forward, the
+    no-fp row.  Kept per sample (float32, :meth:`scores`): the decoded word ids ``[max_len]`` and
+    the object logits ``[K]``; the target is the COCO image id and the K labels.
+
+    :meth:`evaluate` scores the captions of the whole split in one call (CIDEr-D's document
+    frequencies come from it; one METEOR process for all calls, PTB tokenizations cached
+    across calls).  Figures: ``CIDEr`` (first: λ and T are chosen by it), ``metrics``
+    (default all of :data:`METRICS`), the object head's ``map`` and ``object_loss`` (the mean
+    BCE that feedback-prop lowers), and with ``object_names`` ``mention_precision`` /
+    ``mention_recall`` (:func:`mention_scores`).  With ``results_dir`` each evaluation also
+    writes its captions as a COCO results file there, ``captions_<digest>.json`` (the same
+    captions give the same file), named in the record's ``captions`` column.
+
+    :meth:`setup` takes the network (``model.net`` or ``model``, which must have
+    ``decode(features, beam_size, max_len)``, :class:`topdown.decoder.CaptionNet`), the
+    vocabulary (``model.vocab`` unless given) and the references of the val and test splits
+    (``datamodule.split_references(split)``, unless given).
     """
-    import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        device = index.device
-        if dist.get_backend() == "nccl" and device.type != "cuda":
-            device = torch.device("cuda", torch.cuda.current_device())
-        index, rows = index.to(device), rows.to(device)
-        n = torch.tensor([index.numel()], device=device)
-        sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-        dist.all_gather(sizes, n)
-        top = int(max(s.item() for s in sizes))
-        pad_i = torch.full((top,), -1, dtype=index.dtype, device=device)
-        pad_i[:index.numel()] = index
-        pad_r = torch.zeros((top, *rows.shape[1:]), dtype=rows.dtype, device=device)
-        pad_r[:rows.shape[0]] = rows
-        all_i = [torch.empty_like(pad_i) for _ in sizes]
-        all_r = [torch.empty_like(pad_r) for _ in sizes]
-        dist.all_gather(all_i, pad_i)
-        dist.all_gather(all_r, pad_r)
-        index = torch.cat([a[:int(s.item())] for a, s in zip(all_i, sizes)])
-        rows = torch.cat([a[:int(s.item())] for a, s in zip(all_r, sizes)])
-    order = torch.argsort(index, stable=True)
-    index, rows = index[order], rows[order]
-    keep = torch.ones_like(index, dtype=torch.bool)
-    keep[1:] = index[1:] != index[:-1]
-    return index[keep], rows[keep]
+    criterion = ("CIDEr",)
+    scale = 100.0
+
+    def __init__(self, num_objects: int, max_len: int, beam_size: int = 3, vocab: CaptionVocab | None = None,
+                 references: Mapping[int, Sequence[str]] | None = None, object_names: Sequence[str] | None = None,
+                 metrics: Sequence[str] = METRICS, results_dir: str | Path | None = None):
+        bad = [m for m in metrics if m not in METRICS]
+        if bad:
+            raise ValueError(f"unknown caption metrics {bad}; choose from {METRICS}")
+        if beam_size < 1 or max_len < 1:
+            raise ValueError(f"beam_size and max_len must be at least 1, got {beam_size} and {max_len}")
+        self.num_objects, self.max_len, self.beam_size = int(num_objects), int(max_len), int(beam_size)
+        self.vocab, self.object_names = vocab, None if object_names is None else list(object_names)
+        if self.object_names is not None and len(self.object_names) != self.num_objects:
+            raise ValueError(f"{len(self.object_names)} object names for {self.num_objects} objects")
+        self.references = None if references is None else dict(references)
+        self.caption_metrics = ("CIDEr",) + tuple(m for m in METRICS if m in metrics and m != "CIDEr")
+        self.metrics = self.caption_metrics + ("map", "object_loss") + \
+            (("mention_precision", "mention_recall") if self.object_names is not None else ())
+        self.headers = {"map": "object mAP", "object_loss": "object BCE", "mention_precision": "mention prec.",
+                        "mention_recall": "mention rec."}
+        self.results_dir = None if results_dir is None else Path(results_dir)
+        self.draws = [KnownDraw(self.num_objects, 0, torch.arange(self.num_objects))]
+        self.net = None
+        self._source = None
+        self._tokenized: dict[str, str] = {}
+
+    def setup(self, model, datamodule=None) -> None:
+        net = getattr(model, "net", model)
+        if not callable(getattr(net, "decode", None)):
+            raise ValueError(f"caption evidence needs a network with decode(features, beam_size, max_len) "
+                             f"(topdown.decoder.CaptionNet); {type(net).__name__} has none")
+        self.net = net
+        if self.vocab is None:
+            self.vocab = getattr(model, "vocab", None)
+            if self.vocab is None:
+                raise ValueError("caption evidence needs the caption vocabulary (model.vocab or vocab=)")
+        if datamodule is not None and self._source is not datamodule and hasattr(datamodule, "split_references"):
+            refs = {}
+            for split in ("val", "test"):
+                refs.update(datamodule.split_references(split))
+            self.references, self._source = refs, datamodule
+        if self.references is None:
+            raise ValueError("caption evidence needs the reference captions (datamodule.split_references or "
+                             "references=)")
+
+    def known_loss(self, context: dict, draws: Sequence[int], rows: slice):
+        from topdown.feedback import multilabel_known_loss
+
+        labels = context["labels"][rows].repeat(len(draws), 1)
+        return multilabel_known_loss(torch.ones_like(labels, dtype=torch.bool), labels, key="objects")
+
+    def scores(self, outputs) -> torch.Tensor:
+        tokens = self.net.decode(outputs["features"].detach(), self.beam_size, self.max_len)
+        return torch.cat([tokens.to(torch.float32), outputs["objects"].detach().float()], 1)
+
+    def width(self, d: int | None = None) -> int:
+        return self.max_len + self.num_objects
+
+    def target(self, context: dict) -> torch.Tensor:
+        return torch.cat([context["image_id"].long()[:, None], context["labels"].long()], 1)
+
+    def target_bytes(self) -> int:
+        return 8 * (1 + self.num_objects)
+
+    def empty_target(self) -> torch.Tensor:
+        return torch.zeros(0, 1 + self.num_objects, dtype=torch.long)
+
+    def captions(self, scores: torch.Tensor, target: torch.Tensor) -> dict[int, str]:
+        """``{image id: caption}`` of kept scores."""
+        return {int(i): self.vocab.decode(t) for i, t in zip(target[:, 0].tolist(), scores[:, :self.max_len].long())}
+
+    def evaluate(self, scores: torch.Tensor, target: torch.Tensor, d: int) -> dict:
+        import hashlib
+
+        import torch.nn.functional as F
+
+        from topdown.metrics import average_precision, nan_mean
+
+        candidates = self.captions(scores, target)
+        missing = [i for i in candidates if i not in self.references]
+        if missing:
+            raise ValueError(f"caption evidence: {len(missing)} images have no reference captions, e.g. {missing[:5]}")
+        refs = {i: self.references[i] for i in candidates}
+        out: dict = score_caption_sets(refs, [candidates], self.caption_metrics, tokenized=self._tokenized)[0]
+        logits, labels = scores[:, self.max_len:], target[:, 1:]
+        out["map"] = float(nan_mean(average_precision(logits, labels.to(torch.uint8))))
+        out["object_loss"] = float(F.binary_cross_entropy_with_logits(logits, labels.float()))
+        if self.object_names is not None:
+            out.update(mention_scores(list(candidates.values()), labels.numpy(), self.object_names))
+        out = {m: out[m] for m in self.metrics}
+        if self.results_dir is not None:
+            digest = hashlib.sha1(json.dumps(sorted(candidates.items())).encode()).hexdigest()[:12]
+            out["captions"] = write_coco_results(self.results_dir / f"captions_{digest}.json", candidates).name
+        return out

@@ -163,13 +163,14 @@ class CaptionNet(nn.Module):
     ``forward(images)`` returns ``{"features": [B, D], "objects": [B, K]}``; with ``captions``
     ``[B * C, L]`` (C captions per image, consecutive rows) also ``"caption"``, the word logits.
     Module names keep torchvision's under ``trunk.``, so paper layer names resolve
-    (``conv10`` -> ``trunk.layer1`` on ResNet-50, :mod:`topdown.layers`).
+    (``conv10`` -> ``trunk.layer1``, the output of the first stage, on ResNet-50; :mod:`topdown.layers`).
     """
 
     def __init__(self, backbone: str = "resnet50", num_objects: int = 80, vocab_size: int = 10000,
-                 weights: str | None = None, embed_dim: int = 512, hidden_dim: int = 512, dropout: float = 0.5):
+                 weights: str | None = None, embed_dim: int = 512, hidden_dim: int = 512, dropout: float = 0.5,
+                 partial_weights: bool = False):
         super().__init__()
-        self.trunk = build_backbone(backbone, 1, weights=weights)
+        self.trunk = build_backbone(backbone, 1, weights=weights, partial_weights=partial_weights)
         head = self.trunk.get_submodule(self.trunk.topdown_head)
         feature_dim = head.in_features
         _set_submodule(self.trunk, self.trunk.topdown_head, nn.Identity())
