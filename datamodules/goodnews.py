@@ -21,7 +21,8 @@ image file is found when it is read: the sample is dropped and counted as ``<sta
 Vocabularies, labels and the article nouns by word position (for text-prefix evidence) are
 cached beside each other, in ``ROOT/topdown_cache/`` or, when ROOT is read-only, in
 ``~/.cache/topdown/``, under a name derived from the record of the settings that built them
-(input files, sizes, noun finder, stop words): a change of any of them builds a new cache.
+(input files, sizes, noun finder, stop words and lemmatizer: :func:`topdown.text.pipeline_key`): a
+change of any of them builds a new cache.
 """
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ from datamodules.coco import _atomic, _file_lock
 from datamodules.common import SafeImageDataset, check_exists, distributed_eval_sampler, image_transform
 from topdown.losses import label_weights
 from topdown.news import pack_positions, prefix_labels
-from topdown.text import (NOUN_FINDER, STOP_WORDS, build_noun_vocabulary, find_nouns, labels_from_nouns,
-                          noun_positions, save_vocabulary)
+from topdown.text import (NOUN_FINDER, build_noun_vocabulary, find_nouns, labels_from_nouns, noun_positions,
+                          pipeline_key, save_vocabulary)
 
 SPLITS = ("train", "val", "test")
 SKIP_REASONS = ("article missing", "article without text", "image without caption", "image file missing")
@@ -166,7 +167,7 @@ class GoodNewsDataModule(LightningDataModule):
         return {"format": _CACHE_FORMAT, "files": files, "image_dir": self.image_dir,
                 "caption_vocab_size": self.caption_vocab_size, "article_vocab_size": self.article_vocab_size,
                 "proper_nouns": self.proper_nouns, "noun_finder": NOUN_FINDER, "vocabulary_source": "train split",
-                "stop_words": hashlib.sha1("\n".join(sorted(STOP_WORDS)).encode()).hexdigest()[:16]}
+                "pipeline": pipeline_key()}  # stop words, lemmatizer (NLTK version): as every vocabulary cache
 
     # ------------------------------------------------------------ label data
     def _prepare(self) -> dict:
