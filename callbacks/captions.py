@@ -105,12 +105,13 @@ def run_select(cli, fb) -> dict:
         c["row"] = row_name(m, s)
         c["captions"] = _record(test, c["apply"], c["apply"].last).get("captions")
     extra = [x for x in ("map", "object_loss") if x in ev.metrics]
-    out_rows = [{"row": "no-fp", **{x: nofp[x] for x in TABLE6_COLUMNS + tuple(extra)}, "captions": nofp.get("captions")}]
-    out_rows += [{"row": c["row"], **{x: c[f"test_{x}"] for x in TABLE6_COLUMNS + tuple(extra)}, "lr": c["lr"],
+    shown = [x for x in TABLE6_COLUMNS if x in ev.metrics] + extra  # --model.metrics may leave some out
+    out_rows = [{"row": "no-fp", **{x: nofp[x] for x in shown}, "captions": nofp.get("captions")}]
+    out_rows += [{"row": c["row"], **{x: c[f"test_{x}"] for x in shown}, "lr": c["lr"],
                   "T": _steps_text(c), "val_CIDEr": c["val_CIDEr"], "captions": c["captions"]} for c in chosen]
     title = (f"Table 6 on test ({test.summary[0]['num_known']} object labels known): λ in {list(fb.lr_grid)} and "
              f"t <= {fb.steps} per pivot chosen on val by CIDEr")
-    text = text_table(["", *TABLE6_COLUMNS], [[r["row"], *(_cell(x, r[x]) for x in TABLE6_COLUMNS)] for r in out_rows],
+    text = text_table(["", *TABLE6_COLUMNS], [[r["row"], *(_cell(x, r.get(x)) for x in TABLE6_COLUMNS)] for r in out_rows],
                       title)
     choice = text_table(["", "lr", "T", "val CIDEr", "object BCE val", "object BCE test"],
                         [[c["row"], f"{c['lr']:g}", _steps_text(c), f"{c['val_CIDEr']:.4f}",

@@ -64,7 +64,8 @@ class _Protocol:
     ``fb``: the evaluation options (``--feedback.*``: optimizer, weight_decay, max_samples,
     max_state_gb, iterations, select_by, and the label-split ones).  ``evidence``: given by a
     protocol of its own (the news task's text evidence, ``callbacks/news.py``); default: the
-    model's (coarse labels for the hierarchical model, else known/unknown labels).
+    model's (coarse labels for the hierarchical model, what a model's ``feedback_evidence(fb, out_dir)``
+    returns (captioning: ``topdown.captions.CaptionEvidence``), else known/unknown labels).
     """
 
     def __init__(self, cli, fb, name: str, evidence=None):
