@@ -365,7 +365,8 @@ def run_single(cli, fb) -> dict:
         rows.append([r["setting"]] + ([str(r["num_known"])] if known else []) + [p.cell(r, m) for m in ms])
     table = text_table([""] + known + [ev.headers.get(m, m) for m in ms], rows,
                        f"feedback-prop on {split} (T={fb.steps}, lr={fb.lr:g}"
-                       + (f", {len(p.unknown)} unknown labels, mean±std over draws)" if known else ", coarse labels known)"))
+                       + (f", {len(p.unknown)} unknown labels, mean±std over draws)" if known
+                          else f", {getattr(ev, 'known_text', 'coarse labels known')})"))
     images = [p.iteration_plot(res, f"single_{split}")] if p.rank0 else []
     return p.finish(table, images, {"callback": res})
 
@@ -427,7 +428,8 @@ def run_layers(cli, fb) -> dict:
     cells = {(c["layers"], c["method"]): (c[f"test_{m0}"], c[f"test_{m0}_std"]) for c in chosen}
     k = test.summary[0]["num_known"]
     nofp = test.summary[0][f"{m0}_nofp"]
-    what = f"{k} known / {len(p.unknown)} unknown labels" if p.multilabel else "coarse labels known"
+    what = f"{k} known / {len(p.unknown)} unknown labels" if p.multilabel else getattr(ev, "known_text",
+                                                                                      "coarse labels known")
     table = layer_table((nofp, None), cells, candidates, methods,
                         f"layer-wise analysis: {ev.headers.get(m0, m0)} on test, {what}; λ in {list(fb.lr_grid)} and "
                         f"T <= {fb.steps} chosen per cell on val", scale=ev.scale)

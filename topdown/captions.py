@@ -21,6 +21,10 @@ directly, so the figures equal what ``pycocoevalcap`` reports. Three things diff
 
 CIDEr-D takes its document frequencies from the references of the evaluated set, so a split must
 be scored in one call: an average of per-batch scores would be a different number.
+
+Feedback-prop (§4.4, Table 6): :class:`CaptionEvidence` is the :class:`topdown.evidence.Evidence`
+of the captioning model: the object labels are known, the caption decoded from the refined trunk
+is the unknown target, and a split's captions are scored here in one call.
 """
 from __future__ import annotations
 
@@ -398,6 +402,7 @@ class CaptionEvidence(Evidence):
 
     criterion = ("CIDEr",)
     scale = 100.0
+    known_text = "object labels known"  # what the shared protocols' titles say is known
 
     def __init__(self, num_objects: int, max_len: int, beam_size: int = 3, vocab: CaptionVocab | None = None,
                  references: Mapping[int, Sequence[str]] | None = None, object_names: Sequence[str] | None = None,
