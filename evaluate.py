@@ -41,8 +41,9 @@ Each protocol prints its table and writes ``fp_<protocol>_*.csv``, ``*.png`` and
 The Trainer is built with ``inference_mode=False`` when feedback-prop is asked for.
 
 A model may bring its own protocols under the same flags (registry ``extra["feedback_protocols"]``):
-``--model captioning`` runs feedback-prop on captions with the object labels known, ``select``
-being Table 6 (docs/CAPTIONING.md).
+``--model captioning`` runs feedback-prop on captions with the object labels known (its evidence
+comes from the model, ``feedback_evidence``); ``select`` without pivots is Table 6
+(docs/CAPTIONING.md).
 """
 from __future__ import annotations
 
