@@ -206,10 +206,8 @@ class CaptioningModule(LightningModule):
             if unused:
                 raise ValueError(f"{', '.join(unused)} do not apply to the captioning model: all of its object labels "
                                  "are the known evidence and the caption is the unknown target (§4.4)")
-        dm = self.trainer.datamodule if self._trainer is not None else None
         return CaptionEvidence(self.hparams.num_objects, self.hparams.max_decode_len, self.hparams.beam_size,
-                               vocab=self.vocab, object_names=getattr(dm, "object_names", None),
-                               metrics=self.metrics, results_dir=out_dir)
+                               vocab=self.vocab, metrics=self.metrics, results_dir=out_dir)  # names: from the data
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -9,6 +9,7 @@ import torch
 
 import evaluate
 import train
+from scripts import rescore_captions
 from conftest import TINY_SCENES
 from datamodules.karpathy import ScenesCaptionsDataModule
 from lightning_modules.captioning import CaptioningModule
@@ -128,6 +129,11 @@ def test_evaluate_table6_protocol(captioning_run, tiny_scenes, tmp_path):
     for r in out["rows"]:  # every row's captions as a COCO results file, rescorable
         results = json.loads((run_dir / r["captions"]).read_text())
         assert {x["image_id"] for x in results} == set(cli.datamodule.split_image_ids("test").tolist())
+    rescored = rescore_captions.main([str(run_dir), "--root", str(tiny_scenes), "--num_images",
+                                      str(TINY_SCENES["num_images"]), "--size", str(TINY_SCENES["size"])])
+    assert [r["row"] for r in rescored] == [r["row"] for r in out["rows"]]
+    for a, b in zip(rescored, out["rows"]):  # the results files give back the table
+        assert a["CIDEr"] == pytest.approx(b["CIDEr"], abs=1e-12) and 0 <= a["mention_recall"] <= 1
     examples = json.loads((run_dir / "fp_select_examples.json").read_text())
     assert len(examples) == 6 and {"no-fp", "RF-conv5,13", "references", "objects"} <= set(examples[0])
     media = next((run_dir / "wandb").glob("offline-run-*/files/media/table/fp"))  # written when logged

@@ -389,8 +389,9 @@ class CaptionEvidence(Evidence):
     frequencies come from it; one METEOR process for all calls, PTB tokenizations cached
     across calls).  Figures: ``CIDEr`` (first: λ and T are chosen by it), ``metrics``
     (default all of :data:`METRICS`), the object head's ``map`` and ``object_loss`` (the mean
-    BCE that feedback-prop lowers), and with ``object_names`` ``mention_precision`` /
-    ``mention_recall`` (:func:`mention_scores`).  With ``results_dir`` each evaluation also
+    BCE that feedback-prop lowers), and with ``mentions`` ``mention_precision`` /
+    ``mention_recall`` (:func:`mention_scores`: which known objects the captions name; the object
+    names come from ``object_names`` or ``datamodule.object_names``).  With ``results_dir`` each evaluation also
     writes its captions as a COCO results file there, ``captions_<digest>.json`` (the same
     captions give the same file), named in the record's ``captions`` column.
 
@@ -406,7 +407,7 @@ class CaptionEvidence(Evidence):
 
     def __init__(self, num_objects: int, max_len: int, beam_size: int = 3, vocab: CaptionVocab | None = None,
                  references: Mapping[int, Sequence[str]] | None = None, object_names: Sequence[str] | None = None,
-                 metrics: Sequence[str] = METRICS, results_dir: str | Path | None = None):
+                 metrics: Sequence[str] = METRICS, results_dir: str | Path | None = None, mentions: bool = True):
         bad = [m for m in metrics if m not in METRICS]
         if bad:
             raise ValueError(f"unknown caption metrics {bad}; choose from {METRICS}")
@@ -418,8 +419,9 @@ class CaptionEvidence(Evidence):
             raise ValueError(f"{len(self.object_names)} object names for {self.num_objects} objects")
         self.references = None if references is None else dict(references)
         self.caption_metrics = ("CIDEr",) + tuple(m for m in METRICS if m in metrics and m != "CIDEr")
+        self.mentions = bool(mentions)
         self.metrics = self.caption_metrics + ("map", "object_loss") + \
-            (("mention_precision", "mention_recall") if self.object_names is not None else ())
+            (("mention_precision", "mention_recall") if self.mentions else ())
         self.headers = {"map": "object mAP", "object_loss": "object BCE", "mention_precision": "mention prec.",
                         "mention_recall": "mention rec."}
         self.results_dir = None if results_dir is None else Path(results_dir)
@@ -446,6 +448,12 @@ class CaptionEvidence(Evidence):
         if self.references is None:
             raise ValueError("caption evidence needs the reference captions (datamodule.split_references or "
                              "references=)")
+        if self.mentions and self.object_names is None:
+            names = getattr(datamodule, "object_names", None)
+            if names is None or len(names) != self.num_objects:
+                raise ValueError("caption evidence with mentions=True needs the object names (datamodule.object_names "
+                                 "or object_names=)")
+            self.object_names = list(names)
 
     def known_loss(self, context: dict, draws: Sequence[int], rows: slice):
         from topdown.feedback import multilabel_known_loss
@@ -489,7 +497,7 @@ class CaptionEvidence(Evidence):
         logits, labels = scores[:, self.max_len:], target[:, 1:]
         out["map"] = float(nan_mean(average_precision(logits, labels.to(torch.uint8))))
         out["object_loss"] = float(F.binary_cross_entropy_with_logits(logits, labels.float()))
-        if self.object_names is not None:
+        if self.mentions:
             out.update(mention_scores(list(candidates.values()), labels.numpy(), self.object_names))
         out = {m: out[m] for m in self.metrics}
         if self.results_dir is not None:
