@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
 from lightning_modules.metrics import LabelMAP
-from topdown.backbones import build_backbone
+from topdown.backbones import build_backbone, train_head_only
 from topdown.losses import weighted_bce
 from topdown.news import HEADS, multi_head
 
@@ -63,11 +63,7 @@ class NewsModule(LightningModule):
         return self.net(images)
 
     def on_train_epoch_start(self) -> None:
-        frozen = self.current_epoch < self.hparams.freeze_backbone_epochs
-        for p in self.net.parameters():
-            p.requires_grad_(not frozen)
-        for p in self.net.get_submodule(self.net.topdown_head).parameters():
-            p.requires_grad_(True)
+        train_head_only(self.net, self.current_epoch < self.hparams.freeze_backbone_epochs)
 
     def _valid(self, batch: dict, skipped: SumMetric | None, stage: str):
         valid = batch["valid"]
