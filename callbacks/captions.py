@@ -111,8 +111,8 @@ def run_select(cli, fb) -> dict:
                   "T": _steps_text(c), "val_CIDEr": c["val_CIDEr"], "captions": c["captions"]} for c in chosen]
     title = (f"Table 6 on test ({test.summary[0]['num_known']} object labels known): λ in {list(fb.lr_grid)} and "
              f"t <= {fb.steps} per pivot chosen on val by CIDEr")
-    text = text_table(["", *TABLE6_COLUMNS], [[r["row"], *(_cell(x, r.get(x)) for x in TABLE6_COLUMNS)] for r in out_rows],
-                      title)
+    text = text_table(["", *TABLE6_COLUMNS],
+                      [[r["row"], *(_cell(x, r.get(x)) for x in TABLE6_COLUMNS)] for r in out_rows], title)
     choice = text_table(["", "lr", "T", "val CIDEr", "object BCE val", "object BCE test"],
                         [[c["row"], f"{c['lr']:g}", _steps_text(c), f"{c['val_CIDEr']:.4f}",
                           f"{c['val_object_loss']:.4f}", f"{c['test_object_loss']:.4f}"] for c in chosen],

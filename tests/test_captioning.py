@@ -166,7 +166,8 @@ def test_ddp_gathers_each_caption_once(captioning_run, tiny_scenes, tmp_path):
     assert "distributed_backend=gloo" in out and "All distributed processes registered" in out
     ddp_dir = newest_run(tmp_path / "runs", "ddp")
     results = json.loads((ddp_dir / "captions_test.json").read_text())
-    single = {r["image_id"]: r["caption"] for r in json.loads((captioning_run.run_dir / "captions_test.json").read_text())}
+    single = json.loads((captioning_run.run_dir / "captions_test.json").read_text())
+    single = {r["image_id"]: r["caption"] for r in single}
     assert len(results) == len({r["image_id"] for r in results}) == 9
     assert all(single[r["image_id"]] == r["caption"] for r in results)
     refs = captioning_run.datamodule.split_references("test")

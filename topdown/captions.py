@@ -260,7 +260,8 @@ def _check(references: Mapping, candidates: Mapping, what: str) -> None:
 
 def score_caption_sets(references: Mapping[Hashable, Sequence[str]],
                        candidate_sets: Sequence[Mapping[Hashable, str]],
-                       metrics: Sequence[str] = METRICS, tokenized: dict[str, str] | None = None) -> list[dict[str, float]]:
+                       metrics: Sequence[str] = METRICS,
+                       tokenized: dict[str, str] | None = None) -> list[dict[str, float]]:
     """:func:`caption_scores` of several candidate sets against the same references.
 
     One tokenizer call for everything; each set is scored on its own (every set must cover the
