@@ -39,15 +39,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
 
 from datamodules.coco import _atomic, _file_lock
-from datamodules.common import (SafeImageDataset, check_exists, distributed_eval_sampler, image_transform,
-                                split_count)
+from datamodules.common import SPLITS, SafeImageDataset, SplitLoaders, check_exists, image_transform, split_count
 from topdown.captions import CaptionVocab, caption_vocabulary, tokenize
 from topdown.losses import label_weights as eq6_weights
 
-SPLITS = ("train", "val", "test")
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 _OBJECTS_CACHE_VERSION = 1
 
@@ -170,7 +167,7 @@ class CaptionImageDataset(SafeImageDataset):
 # Datamodule
 # ---------------------------------------------------------------------------------------
 
-class KarpathyCaptionsDataModule(LightningDataModule):
+class KarpathyCaptionsDataModule(SplitLoaders, LightningDataModule):
     """COCO captions (Karpathy split) with the 80 object categories as multi-label targets (§4.4).
 
     Args:
@@ -399,21 +396,7 @@ class KarpathyCaptionsDataModule(LightningDataModule):
         for split in wanted.get(stage, SPLITS):
             if len(self._split(split)["ids"]) == 0:
                 raise ValueError(f"the {split} split of {self.split_path()} is empty")
-            self.dataset(split)
-
-    def _loader(self, split: str, shuffle: bool, sampler=None) -> DataLoader:
-        return DataLoader(self.dataset(split), batch_size=self.batch_size, shuffle=shuffle, sampler=sampler,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False, sampler=distributed_eval_sampler(self.dataset("val")))
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False, sampler=distributed_eval_sampler(self.dataset("test")))
+        super().setup(stage)
 
 
 class ScenesCaptionsDataModule(KarpathyCaptionsDataModule):
