@@ -41,6 +41,11 @@ half of the labels), ``--feedback.split`` (test or val, for single/sweep),
 Each protocol prints its table and writes ``fp_<protocol>_*.csv``, ``*.png`` and
 ``fp_<protocol>_table.txt`` to the run folder, and logs the same to W&B.
 The Trainer is built with ``inference_mode=False`` when feedback-prop is asked for.
+
+A model may bring its own protocols under the same flags (registry ``extra["feedback_protocols"]``):
+``--model captioning`` runs feedback-prop on captions with the object labels known (its evidence
+comes from the model, ``feedback_evidence``); ``select`` without pivots is Table 6
+(docs/CAPTIONING.md).
 """
 from __future__ import annotations
 
@@ -116,9 +121,21 @@ def main(args: list[str] | None = None):
     if protocol is None:
         cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
     else:
-        cli.feedback = PROTOCOL_RUNNERS[protocol](cli, fb)
+        cli.feedback = protocol_runners(cli.preset)[protocol](cli, fb)
     close_run(cli)
     return cli
+
+
+def protocol_runners(preset) -> dict:
+    """A model's own feedback-prop protocols (registry ``extra["feedback_protocols"]``, "module:NAME"),
+    else the multi-label ones."""
+    spec = preset.extra.get("feedback_protocols")
+    if not spec:
+        return PROTOCOL_RUNNERS
+    import importlib
+
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 if __name__ == "__main__":

@@ -30,14 +30,10 @@ import torchvision
 from topdown.warp import GeneratorWarp, attach, layer_size
 
 
-def step_time(net, opt, x, y, steps: int, device) -> tuple[float, float]:
-    """Seconds per training step by wall clock and by process CPU clock (mean over ``steps``)."""
-    def one():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(net(x), y).backward()
-        opt.step()
-
-    one()  # warm-up (allocator, kernels)
+def _timed(one, steps: int, device) -> tuple[float, float]:
+    """Mean seconds of ``one()`` over ``steps`` calls after a warm-up call (allocator, kernels), by
+    wall clock and by process CPU clock; CUDA work is waited for at both ends."""
+    one()
     if device.type == "cuda":
         torch.cuda.synchronize()
     w, c = time.perf_counter(), time.process_time()
@@ -46,6 +42,16 @@ def step_time(net, opt, x, y, steps: int, device) -> tuple[float, float]:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - w) / steps, (time.process_time() - c) / steps
+
+
+def step_time(net, opt, x, y, steps: int, device) -> tuple[float, float]:
+    """Seconds per training step by wall clock and by process CPU clock (mean over ``steps``)."""
+    def one():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    return _timed(one, steps, device)
 
 
 def warp_alone(warp, x: torch.Tensor, steps: int, device) -> tuple[float, float]:
@@ -56,15 +62,7 @@ def warp_alone(warp, x: torch.Tensor, steps: int, device) -> tuple[float, float]
         xx = x.detach().requires_grad_()
         warp(xx).backward(grad)
 
-    one()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    w, c = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        one()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - w) / steps, (time.process_time() - c) / steps
+    return _timed(one, steps, device)
 
 
 def bench(size: int, batch: int, steps: int, repeats: int, device, classes: int = 1000) -> dict:

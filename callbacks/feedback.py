@@ -354,6 +354,21 @@ class FeedbackPropCallback(Callback):
                     self._run(net, s, setting, inputs, context, draws, rows, plain if s == 0 else None)
             self._plain.append(torch.cat([plain[k] for k in sorted(plain)]))
 
+    def batch_scores(self, pl_module: LightningModule, batch: dict) -> tuple[torch.Tensor, dict[tuple[int, int], torch.Tensor]]:
+        """One batch outside a Trainer (figures of single images): the plain forward's scores
+        ``[B, K]`` of the valid rows and ``{(setting, draw): [B, C_d]}`` at each setting's reported
+        iteration, computed exactly as in an evaluation.  Leaves no state behind."""
+        self.evidence.setup(pl_module)
+        self._reset()
+        try:
+            self.evaluate_batch(pl_module, batch)
+            plain = _concat(self._plain, torch.zeros(0, self.evidence.width()))
+            fed = {(s, d): _concat(self._kept.pop((s, d, setting.last), []), torch.zeros(0, self.evidence.width(d)))
+                   for s, setting in enumerate(self.settings) for d in range(len(self.draws))}
+        finally:
+            self._reset()
+        return plain, fed
+
     def _run(self, net, s: int, setting: FeedbackSetting, inputs, context, draws: list[int], rows: slice,
              plain: dict | None) -> None:
         x = inputs[rows]
@@ -361,12 +376,19 @@ class FeedbackPropCallback(Callback):
         x = x.repeat(n, *([1] * (x.dim() - 1))) if n > 1 else x
         kept = set(setting.kept(self.keep))
         seen: set[int] = set()
+        idle = self.evidence.no_evidence(context, draws, rows)
+        idle = idle if idle is not None and bool(idle.any()) else None
+        start: list[torch.Tensor] = []
 
         def record(t: int, outputs) -> None:
             if t == 0 and plain is not None and draws[0] == 0:
                 plain[rows.start] = _host(self.evidence.scores(outputs)[:nb])
+            if t == 0 and idle is not None:
+                start.append(self.evidence.scores(outputs).detach().clone())
             if t in kept:
                 scores = self.evidence.scores(outputs)
+                if idle is not None:  # samples that know nothing stay at the plain forward pass
+                    scores = torch.where(idle.to(scores.device)[:, None], start[0], scores)
                 for j, d in enumerate(draws):
                     part = self.evidence.part(scores[j * nb:(j + 1) * nb], d)
                     self._kept.setdefault((s, d, t), []).append(_host(part))
@@ -391,12 +413,13 @@ class FeedbackPropCallback(Callback):
 
     def _finish(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.records, self.skipped = self.compute(trainer, pl_module)
-        self.summary = summarize(self.records, self.evidence.metrics)
+        self.summary = summarize(self.records, self.evidence.metrics, self.evidence.amount)
         if self.skipped:
             warnings.warn(f"feedback-prop on {self.stage}: {self.skipped} images were missing or corrupt and are "
                           "left out of every figure", stacklevel=2)
         if self.log_results:
-            for k, v in result_metrics(self.summary, self.evidence.metrics, self.log_prefix, self.skipped).items():
+            for k, v in result_metrics(self.summary, self.evidence.metrics, self.log_prefix, self.skipped,
+                                       self.evidence.amount).items():
                 if not math.isnan(v):
                     # the same value on every rank (computed on rank 0, broadcast): no further sync
                     pl_module.log(k, v, sync_dist=False, rank_zero_only=False)
@@ -427,8 +450,8 @@ class FeedbackPropCallback(Callback):
         base = ev.evaluate_plain(plain, target) if rank0 else None
         del plain
         for s, setting in enumerate(self.settings):
-            for d, draw in enumerate(self.draws):
-                head = {"split": self.stage, **setting.describe(), "num_known": draw.num_known, "draw": draw.draw}
+            for d in range(len(self.draws)):
+                head = {"split": self.stage, **setting.describe(), **ev.describe(d)}
                 if rank0:
                     records.append({**head, "iteration": 0, **base[d]})
                 for t in setting.kept(self.keep):
@@ -444,8 +467,10 @@ class FeedbackPropCallback(Callback):
         return records, skipped
 
 
-def result_metrics(summary: Sequence[dict], metrics: Sequence[str], prefix: str = "fp", skipped: int = 0) -> dict:
-    """Scalar keys of a summary: ``fp/<m>`` (one setting) or ``fp/<setting>[-lr<λ>][/k<known>]/<m>``,
+def result_metrics(summary: Sequence[dict], metrics: Sequence[str], prefix: str = "fp", skipped: int = 0,
+                   amount: str = "num_known") -> dict:
+    """Scalar keys of a summary: ``fp/<m>`` (one setting) or ``fp/<setting>[-lr<λ>][/k<known>]/<m>``
+    (another :attr:`~topdown.evidence.Evidence.amount` than ``num_known``: ``/<amount><value>``),
     their ``_std`` over draws and ``_nofp`` (t = 0) values, ``fp/<m0>_nofp`` and ``fp/skipped``."""
     if not summary:
         return {}
@@ -459,7 +484,7 @@ def result_metrics(summary: Sequence[dict], metrics: Sequence[str], prefix: str 
         else:
             key = f"{prefix}/{g['setting']}" + (f"-lr{g['lr']:g}" if len(lrs) > 1 else "")
             if len(names) != len(summary):  # several amounts of known labels
-                key += f"/k{g['num_known']}"
+                key += f"/{'k' if amount == 'num_known' else amount}{g[amount]}"
         for m in metrics:
             out[f"{key}/{m}"] = g[m]
             if g["draws"] > 1:
@@ -538,7 +563,8 @@ def image(path: str | Path) -> Any:
 
 
 def log_wandb(trainer: Trainer, items: dict[str, Any]) -> None:
-    """Log tables (:func:`table`) and images (:func:`image`) to every WandbLogger, on rank 0."""
+    """Log tables (:func:`table`; a cell may be an :func:`image`) and images (:func:`image`) to every
+    WandbLogger, on rank 0."""
     if not trainer.is_global_zero:
         return
     loggers = wandb_loggers(trainer)
@@ -554,11 +580,20 @@ def log_wandb(trainer: Trainer, items: dict[str, Any]) -> None:
             cols: list[str] = []
             for r in value:
                 cols += [c for c in r if c not in cols]
-            payload[key] = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in value])
+            payload[key] = wandb.Table(columns=cols, data=[[_cell(r.get(c)) for c in cols] for r in value])
         else:
             payload[key] = wandb.Image(value)
     for lg in loggers:
         lg.experiment.log(payload)
+
+
+def _cell(value: Any) -> Any:
+    """A table cell; an :func:`image` in a row becomes a ``wandb.Image`` (tables of examples)."""
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == "image":
+        import wandb
+
+        return wandb.Image(value[1])
+    return value
 
 
 def log_metrics(trainer: Trainer, metrics: dict[str, float]) -> None:

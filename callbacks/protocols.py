@@ -46,20 +46,29 @@ class Result:
     skipped: int
     passes: int = 1
     files: list[Path] = field(default_factory=list)
+    amount: str = "num_known"  # the evidence's amount column (Evidence.amount)
 
-    def row(self, setting, num_known: Optional[int] = None) -> dict:
+    def row(self, setting, at=None) -> dict:
+        """The summary row of ``setting`` (with ``at`` as its amount of evidence, when given)."""
         for r in self.summary:
             if (r["setting"], r["lr"], r["steps"], r.get("stop")) == (setting.name, setting.lr, setting.steps,
                                                                      setting.stop) \
-                    and (num_known is None or r["num_known"] == num_known):
+                    and (at is None or r[self.amount] == at):
                 return r
-        raise KeyError(f"no result for {setting.name} (lr={setting.lr}, steps={setting.steps}, num_known={num_known})")
+        raise KeyError(f"no result for {setting.name} (lr={setting.lr}, steps={setting.steps}, {self.amount}={at})")
 
 
 class _Protocol:
-    """What every protocol needs: the evidence, the settings, running a split in passes, outputs."""
+    """What every protocol needs: the evidence, the settings, running a split in passes, outputs.
 
-    def __init__(self, cli, fb, name: str):
+    ``fb``: the evaluation options (``--feedback.*``: optimizer, weight_decay, max_samples,
+    max_state_gb, iterations, select_by, and the label-split ones).  ``evidence``: given by a
+    protocol of its own (the news task's text evidence, ``callbacks/news.py``); default: the
+    model's (coarse labels for the hierarchical model, what a model's ``feedback_evidence(fb, out_dir)``
+    returns (captioning: ``topdown.captions.CaptionEvidence``), else known/unknown labels).
+    """
+
+    def __init__(self, cli, fb, name: str, evidence=None):
         from topdown.evidence import CoarseLabelEvidence, unknown_labels
 
         self.cli, self.fb, self.name = cli, fb, name
@@ -69,8 +78,14 @@ class _Protocol:
         self.hparams = getattr(cli.model, "hparams", {})
         self.files: list[Path] = []
         self.unknown = self.unknown_file = None
+        if evidence is not None:
+            self.evidence = evidence
+            return
         if hasattr(cli.model, "fine_to_coarse"):  # hierarchical scenes: the coarse categories are known (§4.2)
             self.evidence = CoarseLabelEvidence(self.hparams["num_classes"], self.hparams["num_coarse"])
+            return
+        if callable(getattr(cli.model, "feedback_evidence", None)):  # the model names its evidence (captions, §4.4)
+            self.evidence = cli.model.feedback_evidence(fb, self.out)
             return
         dm = cli.datamodule
         self.vocabulary = list(getattr(dm, "vocabulary", None) or [])
@@ -173,35 +188,48 @@ class _Protocol:
             n = min(n, math.ceil(n * limit))
         return n
 
-    def run(self, settings, split: str, tag: str, keep: Optional[str] = None) -> Result:
+    def run(self, settings, split: str, tag: str, keep: Optional[str] = None,
+            draws: Optional[list[list[int]]] = None) -> Result:
         """Evaluate ``settings`` x the evidence's draws on ``split``, in passes that fit the state budget;
-        write ``fp_<tag>_iterations.csv`` / ``_summary.csv`` and log the merged figures."""
+        write ``fp_<tag>_iterations.csv`` / ``_summary.csv`` and log the merged figures.
+
+        ``draws``: per setting, the indices of the draws it runs with (default: all of them), for a
+        choice made per draw (Table 2 chooses λ and T per text fraction)."""
         from callbacks.feedback import (FeedbackPropCallback, log_metrics, log_wandb, plan_evaluation, result_metrics,
                                         table)
         from topdown.evidence import plain_rows, summarize, write_csv
 
         ev, fb, trainer = self.evidence, self.fb, self.cli.trainer
         keep = keep or fb.iterations
-        passes = plan_evaluation(ev, settings, keep, self.split_size(split), fb.max_state_gb)
-        if len(passes) > 1 and self.rank0:
-            print(f"[feedback] {split}: {len(settings)} setting(s) x {len(ev.draws)} draw(s) in {len(passes)} passes "
+        groups: dict[tuple[int, ...], list] = {}  # the settings that run with the same draws run together
+        for i, s in enumerate(settings):
+            groups.setdefault(tuple(range(len(ev.draws))) if draws is None else tuple(draws[i]), []).append(s)
+        n, work = self.split_size(split), []
+        for d_idx, group in groups.items():  # every plan before any work: a unit that cannot fit fails first
+            sub = ev.with_draws(list(d_idx))
+            work.append((group, sub, plan_evaluation(sub, group, keep, n, fb.max_state_gb)))
+        passes_run = sum(len(passes) for _, _, passes in work)
+        if passes_run > len(groups) and self.rank0:
+            print(f"[feedback] {split}: {len(settings)} setting(s) x {len(ev.draws)} draw(s) in {passes_run} passes "
                   f"to keep the metric state under {fb.max_state_gb:g} GB")
         records, skipped = [], 0
-        for s_idx, d_idx in passes:
-            cb = FeedbackPropCallback([settings[i] for i in s_idx], evidence=ev.with_draws(d_idx), stage=split,
-                                      optimizer=fb.optimizer, weight_decay=fb.weight_decay,
-                                      max_samples=fb.max_samples, keep=keep, max_state_gb=None, log=False)
-            trainer.callbacks.append(cb)
-            try:
-                fn = trainer.test if split == "test" else trainer.validate
-                fn(self.cli.model, datamodule=self.cli.datamodule, ckpt_path=self.cli.config.ckpt_path)
-            finally:
-                trainer.callbacks.remove(cb)
-            records += cb.records
-            skipped = cb.skipped
-        result = Result(split, list(settings), records, summarize(records, ev.metrics), skipped, len(passes))
+        for group, sub, passes in work:
+            for s_idx, d_idx in passes:
+                cb = FeedbackPropCallback([group[i] for i in s_idx], evidence=sub.with_draws(d_idx), stage=split,
+                                          optimizer=fb.optimizer, weight_decay=fb.weight_decay,
+                                          max_samples=fb.max_samples, keep=keep, max_state_gb=None, log=False)
+                trainer.callbacks.append(cb)
+                try:
+                    fn = trainer.test if split == "test" else trainer.validate
+                    fn(self.cli.model, datamodule=self.cli.datamodule, ckpt_path=self.cli.config.ckpt_path)
+                finally:
+                    trainer.callbacks.remove(cb)
+                records += cb.records
+                skipped = cb.skipped
+        result = Result(split, list(settings), records, summarize(records, ev.metrics, ev.amount), skipped,
+                        passes_run, amount=ev.amount)
         prefix = "fp" if split == "test" else "fp_val"
-        log_metrics(trainer, result_metrics(result.summary, ev.metrics, prefix, skipped))
+        log_metrics(trainer, result_metrics(result.summary, ev.metrics, prefix, skipped, ev.amount))
         files = [self.out / f"fp_{tag}_iterations.csv", self.out / f"fp_{tag}_summary.csv"]
         if self.rank0:
             write_csv(files[0], records)
@@ -240,8 +268,8 @@ class _Protocol:
                                ylabel=f"{self.evidence.headers.get(m0, m0)} (%)",
                                title=f"feedback-prop on {res.stage}: {m0} per iteration")
 
-    def val_curves(self, res: Result, settings) -> dict:
-        """``{setting: {t: criterion tuple}}`` of the mean validation curves."""
+    def val_curves(self, res: Result, settings, at=None) -> dict:
+        """``{setting: {t: criterion tuple}}`` of the mean validation curves (at amount ``at``)."""
         crit = list(self.fb.select_by or self.evidence.criterion)
         unknown = [c for c in crit if c not in self.evidence.metrics]
         if unknown:
@@ -249,7 +277,7 @@ class _Protocol:
                              f"{list(self.evidence.metrics)}")
         curves = {}
         for s in settings:
-            row = res.row(s)
+            row = res.row(s, at)
             curves[s] = {t: tuple(row["curves"][c][i] for c in crit) for i, t in enumerate(row["curve_t"])}
         return curves
 
@@ -273,20 +301,23 @@ def _settings(methods, pivot_sets, lrs, steps):
     return [FeedbackSetting(m, p, lr, steps) for p in pivot_sets for m in methods for lr in lrs]
 
 
-def _choose(p: _Protocol, val: Result, groups: dict) -> list[dict]:
+def _choose(p: _Protocol, val: Result, groups: dict, at: Optional[dict] = None) -> list[dict]:
     """Per group of val settings (one per λ), the (λ, t) of :func:`select_setting` and the setting
-    that applies it; ``groups`` maps a group key to its settings."""
+    that applies it; ``groups`` maps a group key to its settings, ``at`` (optional) a group key to
+    the amount of evidence its curves are read at (one draw's records, e.g. a text fraction)."""
     from topdown.evidence import select_setting
 
     m0 = p.evidence.metrics[0]
     chosen = []
     for key, settings in groups.items():
-        pick = select_setting(p.val_curves(val, settings))
+        amount = None if at is None else at[key]
+        pick = select_setting(p.val_curves(val, settings, amount))
         setting, t = pick.key, pick.iteration
-        row = val.row(setting)
+        row = val.row(setting, amount)
         i = row["curve_t"].index(t)
-        c = {"method": setting.method, "layers": setting.layer_name, "lr": setting.lr, "iteration": t,
-             "apply": setting.at(t)}
+        c = {} if amount is None else {val.amount: amount}
+        c.update({"method": setting.method, "layers": setting.layer_name, "lr": setting.lr, "iteration": t,
+                  "apply": setting.at(t)})
         c["steps"], c["stop"] = c["apply"].steps, c["apply"].stop
         for m in p.evidence.metrics:
             c[f"val_{m}"] = row["curves"][m][i]
@@ -297,7 +328,7 @@ def _choose(p: _Protocol, val: Result, groups: dict) -> list[dict]:
 
 def _with_test(p: _Protocol, chosen: list[dict], test: Result) -> None:
     for c in chosen:
-        r = test.row(c["apply"])
+        r = test.row(c["apply"], c.get(test.amount))  # a choice made at one amount of evidence is read there
         for m in p.evidence.metrics:
             c[f"test_{m}"], c[f"test_{m}_std"], c[f"test_{m}_nofp"] = r[m], r[f"{m}_std"], r[f"{m}_nofp"]
 
@@ -334,7 +365,8 @@ def run_single(cli, fb) -> dict:
         rows.append([r["setting"]] + ([str(r["num_known"])] if known else []) + [p.cell(r, m) for m in ms])
     table = text_table([""] + known + [ev.headers.get(m, m) for m in ms], rows,
                        f"feedback-prop on {split} (T={fb.steps}, lr={fb.lr:g}"
-                       + (f", {len(p.unknown)} unknown labels, mean±std over draws)" if known else ", coarse labels known)"))
+                       + (f", {len(p.unknown)} unknown labels, mean±std over draws)" if known
+                          else f", {getattr(ev, 'known_text', 'coarse labels known')})"))
     images = [p.iteration_plot(res, f"single_{split}")] if p.rank0 else []
     return p.finish(table, images, {"callback": res})
 
@@ -396,7 +428,8 @@ def run_layers(cli, fb) -> dict:
     cells = {(c["layers"], c["method"]): (c[f"test_{m0}"], c[f"test_{m0}_std"]) for c in chosen}
     k = test.summary[0]["num_known"]
     nofp = test.summary[0][f"{m0}_nofp"]
-    what = f"{k} known / {len(p.unknown)} unknown labels" if p.multilabel else "coarse labels known"
+    what = f"{k} known / {len(p.unknown)} unknown labels" if p.multilabel else getattr(ev, "known_text",
+                                                                                      "coarse labels known")
     table = layer_table((nofp, None), cells, candidates, methods,
                         f"layer-wise analysis: {ev.headers.get(m0, m0)} on test, {what}; λ in {list(fb.lr_grid)} and "
                         f"T <= {fb.steps} chosen per cell on val", scale=ev.scale)
@@ -489,8 +522,9 @@ def _extend(p: _Protocol, val: Result, groups: dict, rounds: int) -> tuple[Resul
             print(f"[feedback] val picked an edge of the lr grid: extending it with "
                   + ", ".join(f"{s.name} lr={s.lr:g}" for s in todo))
         more = p.run(todo, "val", f"select_val_ext{k + 1}", keep="all")
-        val = Result(val.stage, val.settings + more.settings, val.records + more.records, val.summary + more.summary,
-                     max(val.skipped, more.skipped), val.passes + more.passes, val.files + more.files)
+        val = replace(val, settings=val.settings + more.settings, records=val.records + more.records,
+                      summary=val.summary + more.summary, skipped=max(val.skipped, more.skipped),
+                      passes=val.passes + more.passes, files=val.files + more.files)
         for key, v in new.items():
             groups[key] = sorted(groups[key] + v, key=lambda s: s.lr)
     return val, rounds

@@ -28,15 +28,13 @@ from typing import Literal
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
 
-from datamodules.common import (SafeImageDataset, check_exists, distributed_eval_sampler, image_transform,
+from datamodules.common import (SPLITS, SafeImageDataset, SplitLoaders, check_exists, image_transform,
                                 split_count)
 from topdown.losses import label_weights
 from topdown.text import (build_vocabulary, labels_from_captions, load_vocabulary, pipeline_key, save_vocabulary,
                           vocabulary_key)
 
-SPLITS = ("train", "val", "test")
 PREPROCESS = ("square", "resize_crop")
 _CACHE_VERSION = 2
 
@@ -71,7 +69,7 @@ def _read_captions(path: Path) -> tuple[np.ndarray, list[str], list[list[str]]]:
     return np.array([im["id"] for im in images], np.int64), [im["file_name"] for im in images], caps
 
 
-class COCOMultiLabelDataModule(LightningDataModule):
+class COCOMultiLabelDataModule(SplitLoaders, LightningDataModule):
     """COCO-2014 caption-concept multi-label data (feedback-prop §4.1); batches as in docs/DESIGN.md.
 
     ``preprocess``: ``"square"`` resizes every image to ``image_size`` squared; ``"resize_crop"``
@@ -272,24 +270,6 @@ class COCOMultiLabelDataModule(LightningDataModule):
                 labels=s["labels"])
         return self._datasets[split]
 
-    def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        for split in wanted.get(stage, SPLITS):
-            self.dataset(split)
-
-    def _loader(self, split: str, shuffle: bool, sampler=None) -> DataLoader:
-        return DataLoader(self.dataset(split), batch_size=self.batch_size, shuffle=shuffle, sampler=sampler,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False, sampler=distributed_eval_sampler(self.dataset("val")))
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False, sampler=distributed_eval_sampler(self.dataset("test")))
 
 
 class ScenesMultiLabelDataModule(COCOMultiLabelDataModule):

@@ -15,9 +15,10 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms
 
+SPLITS = ("train", "val", "test")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -161,3 +162,29 @@ def split_count(size: int | float, total: int, what: str) -> int:
     if not 0 <= n <= total:
         raise ValueError(f"{what}={size} asks for {n} images but only {total} are available")
     return n
+
+
+class SplitLoaders:
+    """The set-up and loaders of a datamodule whose ``dataset(split)`` builds (and caches) each of
+    :data:`SPLITS`; it needs ``batch_size`` and ``num_workers``.  Put it before
+    ``LightningDataModule`` in the bases.  Training shuffles; val and test are read in order, one
+    unpadded shard per rank under DDP (:func:`distributed_eval_sampler`)."""
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in wanted.get(stage, SPLITS):
+            self.dataset(split)
+
+    def _loader(self, split: str, shuffle: bool, sampler=None) -> DataLoader:
+        return DataLoader(self.dataset(split), batch_size=self.batch_size, shuffle=shuffle, sampler=sampler,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False, sampler=distributed_eval_sampler(self.dataset("val")))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False, sampler=distributed_eval_sampler(self.dataset("test")))

@@ -21,7 +21,8 @@ image file is found when it is read: the sample is dropped and counted as ``<sta
 Vocabularies, labels and the article nouns by word position (for text-prefix evidence) are
 cached beside each other, in ``ROOT/topdown_cache/`` or, when ROOT is read-only, in
 ``~/.cache/topdown/``, under a name derived from the record of the settings that built them
-(input files, sizes, noun finder, stop words): a change of any of them builds a new cache.
+(input files, sizes, noun finder, stop words and lemmatizer: :func:`topdown.text.pipeline_key`): a
+change of any of them builds a new cache.
 """
 from __future__ import annotations
 
@@ -34,16 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
 
 from datamodules.coco import _atomic, _file_lock
-from datamodules.common import SafeImageDataset, check_exists, distributed_eval_sampler, image_transform
+from datamodules.common import SPLITS, SafeImageDataset, SplitLoaders, check_exists, image_transform
 from topdown.losses import label_weights
 from topdown.news import pack_positions, prefix_labels
-from topdown.text import (NOUN_FINDER, STOP_WORDS, build_noun_vocabulary, find_nouns, labels_from_nouns,
-                          noun_positions, save_vocabulary)
+from topdown.text import (NOUN_FINDER, build_noun_vocabulary, find_nouns, labels_from_nouns, noun_positions,
+                          pipeline_key, save_vocabulary)
 
-SPLITS = ("train", "val", "test")
 SKIP_REASONS = ("article missing", "article without text", "image without caption", "image file missing")
 _CACHE_FORMAT = 1
 
@@ -110,7 +109,7 @@ def read_goodnews(root: Path, image_dir: str = "images") -> tuple[list[dict], di
     return images, skipped, articles
 
 
-class GoodNewsDataModule(LightningDataModule):
+class GoodNewsDataModule(SplitLoaders, LightningDataModule):
     """GoodNews images with caption-noun targets and article-noun evidence (feedback-prop §4.3).
 
     Args:
@@ -166,7 +165,7 @@ class GoodNewsDataModule(LightningDataModule):
         return {"format": _CACHE_FORMAT, "files": files, "image_dir": self.image_dir,
                 "caption_vocab_size": self.caption_vocab_size, "article_vocab_size": self.article_vocab_size,
                 "proper_nouns": self.proper_nouns, "noun_finder": NOUN_FINDER, "vocabulary_source": "train split",
-                "stop_words": hashlib.sha1("\n".join(sorted(STOP_WORDS)).encode()).hexdigest()[:16]}
+                "pipeline": pipeline_key()}  # stop words, lemmatizer (NLTK version): as every vocabulary cache
 
     # ------------------------------------------------------------ label data
     def _prepare(self) -> dict:
@@ -317,24 +316,6 @@ class GoodNewsDataModule(LightningDataModule):
                 s["caption_labels"], s["article_labels"])
         return self._datasets[split]
 
-    def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        for split in wanted.get(stage, SPLITS):
-            self.dataset(split)
-
-    def _loader(self, split: str, shuffle: bool, sampler=None) -> DataLoader:
-        return DataLoader(self.dataset(split), batch_size=self.batch_size, shuffle=shuffle, sampler=sampler,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False, sampler=distributed_eval_sampler(self.dataset("val")))
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False, sampler=distributed_eval_sampler(self.dataset("test")))
 
 
 class ScenesNewsDataModule(GoodNewsDataModule):

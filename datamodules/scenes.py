@@ -6,7 +6,9 @@ docs/DESIGN.md):
 
 * COCO-2014 (feedback-prop §4.1-4.2): ``annotations/captions_*2014.json`` with
   five captions per image, ``annotations/instances_*2014.json`` with boxes of
-  30 object categories, and JPEGs named ``COCO_{train,val}2014_%012d.jpg``.
+  30 object categories, and JPEGs named ``COCO_{train,val}2014_%012d.jpg``;
+  ``annotations/dataset_coco.json``, Karpathy's split file of the same captions (the
+  captioning view, feedback-prop §4.4; :func:`write_karpathy_split`).
 * SUN397 (feedback-prop §4.3, hierarchical scene recognition): the same
   images in ``SUN397/<letter>/<category>/``, ``ClassName.txt`` and a
   three-level ``hierarchy.csv`` (coarse, general, fine).
@@ -37,6 +39,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import time
 import warnings
@@ -971,6 +974,8 @@ def build_scenes(root, num_images: int = 3000, size: int = 128, seed: int = 0, w
                                *("1" if g in gen else "0" for g in general)]))
     (root / "SUN397" / "hierarchy.csv").write_text("\n".join(lines) + "\n")
 
+    write_karpathy_split(root, seed)
+
     meta = {
         "seed": seed, "size": size, "num_images": num_images, "val_fraction": val_fraction,
         "counts": {"train": sum(r["split"] == "train" for r in records),
@@ -992,6 +997,57 @@ def build_scenes(root, num_images: int = 3000, size: int = 128, seed: int = 0, w
     write_classification_view(root)  # the ILSVRC CLS-LOC view (root/ILSVRC), hard links to the images
     _write_json(root / "scenes.json", meta)
     return root
+
+
+# The Karpathy split file of the captioning task (feedback-prop §4.4): ``dataset_coco.json``
+# beside the instances files. Written from the caption files, with its own random stream, so
+# adding it changed none of the other files.
+KARPATHY_FILE = Path("annotations") / "dataset_coco.json"
+_KARPATHY_STREAM = 0xCA97
+
+
+def karpathy_tokens(raw: str) -> list[str]:
+    """Lower-case alphanumeric words, the ``tokens`` field of Karpathy's split file."""
+    return re.findall(r"[a-z0-9]+", raw.lower())
+
+
+def write_karpathy_split(root, seed: int = 0, eval_fraction: float = 1 / 12) -> Path:
+    """Write ``annotations/dataset_coco.json`` in the layout of Karpathy's COCO split file.
+
+    train2014 images are ``train``; val2014 images are shuffled with ``(seed, stream)`` and give
+    ``val`` and ``test`` (``eval_fraction`` of all images each, as 5,000 of COCO's 123,287 are
+    about 1/25; here larger, so the small data still has a useful test split), the rest ``restval``.
+    Reads the caption files already written, so it also completes a build made before it existed.
+    """
+    root = Path(root)
+    per_split = {}
+    for folder in ("train", "val"):
+        data = json.loads((root / "annotations" / f"captions_{folder}2014.json").read_text())
+        caps: dict[int, list] = {im["id"]: [] for im in data["images"]}
+        for ann in data["annotations"]:
+            caps[ann["image_id"]].append(ann)
+        per_split[folder] = (sorted(data["images"], key=lambda im: im["id"]), caps)
+    n_all = sum(len(images) for images, _ in per_split.values())
+    val_images = per_split["val"][0]
+    n_eval = min(max(1, int(round(n_all * eval_fraction))), len(val_images) // 2)
+    order = np.random.default_rng([seed, _KARPATHY_STREAM]).permutation(len(val_images))
+    split_of = {val_images[int(i)]["id"]: ("val" if r < n_eval else "test" if r < 2 * n_eval else "restval")
+                for r, i in enumerate(order)}
+    images = []
+    for folder in ("train", "val"):
+        for im in per_split[folder][0]:
+            anns = sorted(per_split[folder][1][im["id"]], key=lambda a: a["id"])
+            imgid = len(images)
+            images.append({
+                "filepath": f"{folder}2014", "filename": im["file_name"], "imgid": imgid,
+                "split": "train" if folder == "train" else split_of[im["id"]],
+                "sentids": [a["id"] for a in anns], "cocoid": im["id"],
+                "sentences": [{"tokens": karpathy_tokens(a["caption"]), "raw": a["caption"], "imgid": imgid,
+                               "sentid": a["id"]} for a in anns],
+            })
+    path = root / KARPATHY_FILE
+    _write_json(path, {"images": images, "dataset": "coco"})
+    return path
 
 
 # --------------------------------------------------------------------------- #
@@ -1130,6 +1186,8 @@ def ensure_scenes(root, **kw) -> Path:
                 build_scenes(root, **kw)
             else:
                 meta = json.loads(meta_path.read_text())
+                if not (root / KARPATHY_FILE).is_file():  # a build from before the captioning view
+                    write_karpathy_split(root, meta.get("seed", 0))
                 asked = {k: kw[k] for k in ("num_images", "size", "seed") if k in kw}
                 differ = {k: (meta.get(k), v) for k, v in asked.items() if meta.get(k) != v}
                 if differ:

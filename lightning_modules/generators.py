@@ -36,7 +36,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from topdown.generators import (EVAL_CASES, EVAL_COLUMNS, PAPER_LAYERS, ConvFeatures, GeneratorBank, GeneratorModel,
                                 PCAStats, RegressionStats, WarpErrorStats, feature_flows, format_table,
-                                table_rows, write_csv)
+                                table_rows)
+from topdown.evidence import write_csv
 
 BANK_FILE = "generator_bank.pt"
 TABLE_FILE = "generator_eval.csv"
@@ -239,7 +240,7 @@ class GeneratorsModule(LightningModule):
                 self.log(f"test/{key}/{col}", r[col], rank_zero_only=True)
         run_dir = self.run_dir()
         if self.trainer.is_global_zero:
-            path = write_csv(rows, run_dir / TABLE_FILE)
+            path = write_csv(run_dir / TABLE_FILE, rows, EVAL_COLUMNS)
             rank_zero_info(f"generators: evaluation at {self.hparams.eval_layer} (written to {path})\n"
                            + format_table(rows))
             for logger in self.trainer.loggers:
@@ -297,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     cases = [c for c in EVAL_CASES if c[1] in bank.kinds]
     rows = evaluate_bank(bank, extractor, pairs(), cases, args.layer, args.inverse)
     out = Path(args.out) if args.out else Path(args.bank or args.ckpt).with_name(TABLE_FILE)
-    write_csv(rows, out)
+    write_csv(out, rows, EVAL_COLUMNS)
     print(format_table(rows))
     print(f"written to {out}")
     return rows

@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
 from lightning_modules.metrics import LabelMAP
-from topdown.backbones import build_backbone
+from topdown.backbones import build_backbone, train_head_only
 from topdown.losses import weighted_bce
 
 
@@ -58,12 +58,7 @@ class MultiLabelModule(LightningModule):
         return self.net(images)
 
     def on_train_epoch_start(self) -> None:
-        frozen = self.current_epoch < self.hparams.freeze_backbone_epochs
-        head = self.net.get_submodule(self.net.topdown_head)
-        for p in self.net.parameters():
-            p.requires_grad_(not frozen)
-        for p in head.parameters():
-            p.requires_grad_(True)
+        train_head_only(self.net, self.current_epoch < self.hparams.freeze_backbone_epochs)
 
     def _valid(self, batch: dict, stage: str, skipped: SumMetric | None = None):
         valid = batch["valid"]

@@ -5,10 +5,11 @@ from typing import Literal, Optional
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
 from lightning_modules.metrics import LabelMAP
-from topdown.backbones import build_backbone
+from topdown.backbones import build_backbone, train_head_only
 from topdown.losses import weighted_bce
 from topdown.news import HEADS, multi_head
 
@@ -22,8 +23,10 @@ class NewsModule(LightningModule):
         backbone: torchvision model name (ResNet-50 as in the paper; any classifier with a linear head).
         num_caption_labels, num_article_labels: vocabulary sizes (linked from the datamodule).
         caption_label_weights, article_label_weights: lambda_j of eq. 6 per head (linked); ones when absent.
-        weights: pretrained trunk: a local file or a cached torchvision weights name.
+        weights: pretrained trunk: a local file or a cached torchvision weights name; the trunk must be
+            complete in it (:func:`topdown.backbones.load_weights`) unless ``partial_weights``.
         freeze_backbone_epochs: train only the heads for this many epochs, then end to end.
+        partial_weights: accept a file that holds only part of the trunk (the rest stays random).
     """
 
     def __init__(
@@ -38,11 +41,15 @@ class NewsModule(LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         freeze_backbone_epochs: int = 0,
+        partial_weights: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["caption_label_weights", "article_label_weights"])
         sizes = {"caption": num_caption_labels, "article": num_article_labels}
-        self.net = multi_head(build_backbone(backbone, num_caption_labels, weights=weights), sizes)
+        self.net = multi_head(build_backbone(backbone, num_caption_labels, weights=weights,
+                                             partial_weights=partial_weights), sizes)
+        if self.net.topdown_weights is not None:
+            rank_zero_info(str(self.net.topdown_weights))
         for head, given in (("caption", caption_label_weights), ("article", article_label_weights)):
             w = torch.ones(sizes[head]) if given is None else torch.as_tensor(given).float()
             if w.shape != (sizes[head],):
@@ -56,11 +63,7 @@ class NewsModule(LightningModule):
         return self.net(images)
 
     def on_train_epoch_start(self) -> None:
-        frozen = self.current_epoch < self.hparams.freeze_backbone_epochs
-        for p in self.net.parameters():
-            p.requires_grad_(not frozen)
-        for p in self.net.get_submodule(self.net.topdown_head).parameters():
-            p.requires_grad_(True)
+        train_head_only(self.net, self.current_epoch < self.hparams.freeze_backbone_epochs)
 
     def _valid(self, batch: dict, skipped: SumMetric | None, stage: str):
         valid = batch["valid"]

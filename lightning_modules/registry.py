@@ -77,6 +77,17 @@ MODELS: dict[str, Preset] = {
         ),
         monitor="val/top1",
     ),
+    "captioning": Preset(
+        "captioning",
+        links=(
+            ("data.num_objects", "model.init_args.num_objects"),
+            ("data.label_weights", "model.init_args.object_weights"),
+            ("data.caption_vocabulary", "model.init_args.vocabulary"),
+        ),
+        monitor="val/CIDEr",
+        # evaluate.py --feedback.*: caption protocols (Table 6) instead of the multi-label ones
+        extra={"feedback_protocols": "callbacks.captions:PROTOCOL_RUNNERS"},
+    ),
 }
 
 

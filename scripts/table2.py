@@ -7,15 +7,17 @@
 
 Without ``--ckpt_path`` the model is first trained with ``train.py --model news`` and the
 given ``--model.*``, ``--data.*``, ``--trainer.*`` flags (the best checkpoint by
-``val/map_caption`` is used). The table is then computed by :func:`callbacks.news.run_table2`:
-every (lr, T ≤ ``--table2.steps``) of ``--table2.lr_grid`` on val, the best per cell applied on
-test. Rows are the text fractions (``--table2.fractions``, default no-text, 25, 50, 75, 100 %),
-columns the feedback-prop methods and pivots (``--table2.columns``, default ``lf:conv40`` and
-``rf:conv22``, the ResNet-50 names of the paper). It prints the table and writes
-``table2.txt``, ``table2.csv``, ``table2_chosen.csv``, ``table2_val_grid.csv``, ``table2.png``
-(mAP against text fraction), ``figure6.png`` and ``figure6.html`` to the run folder
-(``runs/news-table2/version_N``), and logs them to W&B. DDP needs ``--ckpt_path`` (each
-process re-runs this command).
+``val/map_caption`` is used). The table is then computed by :func:`callbacks.news.run_table2`
+on the house's feedback-prop evaluation path (``FeedbackPropCallback`` with the text-prefix
+evidence): every (lr, T ≤ ``--table2.steps``) of ``--table2.lr_grid`` on val, the best per cell
+(``topdown.evidence.select_setting``, T ≥ 1) applied on test. Rows are the text fractions
+(``--table2.fractions``, default no-text, 25, 50, 75, 100 %), columns the feedback-prop methods
+and pivots (``--table2.columns``, default ``lf:conv40`` and ``rf:conv22``, the ResNet-50 names
+of the paper). It prints the table and writes ``fp_table2_table.txt``, ``fp_table2_table.csv``,
+``fp_table2_selection.csv``/``.json``, ``fp_table2_{val,test}_{iterations,summary}.csv``,
+``fp_table2_test.png`` (mAP against text fraction), ``figure6.png`` and ``figure6.html`` to the
+run folder (``runs/news-table2/version_N``), and logs them to W&B. DDP needs ``--ckpt_path``
+(each process re-runs this command).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from callbacks.feedback import DEFAULT_MAX_SAMPLES, DEFAULT_MAX_STATE_GB  # noqa: E402
 from lightning_modules.cli import TopdownCLI, build_cli, close_run  # noqa: E402
 
 GROUP = "--table2."
@@ -50,7 +53,10 @@ class Table2CLI(TopdownCLI):
                             help="a vocabulary noun missing from the text prefix is a known negative, or unknown")
         parser.add_argument(g + "optimizer", type=Literal["sgd", "momentum", "adam", "adagrad"], default="adam")
         parser.add_argument(g + "weight_decay", type=float, default=1e-4)
-        parser.add_argument(g + "max_samples", type=int, default=256, help="images x fractions per feedback-prop call")
+        parser.add_argument(g + "max_samples", type=int, default=DEFAULT_MAX_SAMPLES,
+                            help="images x fractions per feedback-prop call (device memory; as --feedback.max_samples)")
+        parser.add_argument(g + "max_state_gb", type=Optional[float], default=DEFAULT_MAX_STATE_GB,
+                            help="host memory for the metric state; the evaluation runs in several passes to stay under it")
         parser.add_argument(g + "figure6_images", type=int, default=6, help="test images in Figure 6 (0: none)")
 
     def instantiate_trainer(self, **kwargs: Any):

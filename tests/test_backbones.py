@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from topdown.backbones import build_backbone
+from topdown.backbones import build_backbone, train_head_only
 from topdown.layers import paper_layer_names, resolve_layer
 from topdown.losses import label_weights, weighted_bce
 
@@ -197,3 +197,12 @@ def test_weighted_bce_is_eq6():
         for i in range(2) for j in range(2)
     )
     torch.testing.assert_close(weighted_bce(logits, y, lam), torch.as_tensor(expected, dtype=torch.float32))
+
+
+def test_train_head_only_freezes_the_trunk_and_releases_it():
+    net = build_backbone("resnet18", 5)
+    train_head_only(net, frozen=True)
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {"fc.weight", "fc.bias"}
+    train_head_only(net, frozen=False)
+    assert all(p.requires_grad for p in net.parameters())

@@ -21,10 +21,11 @@ MARKED = REPO / "tests" / "data" / "marked_nouns.txt"
 
 
 def tiny_news_args(root: Path, runs: Path) -> list[str]:
-    """CLI flags for a seconds-long news run on the tiny scenes data (21 test images: odd)."""
+    """CLI flags for a seconds-long news run on the tiny scenes data (21 test images: odd) at 32 px."""
     return ["--model", "news", "--data.root", str(root), "--data.num_images", str(TINY_SCENES["num_images"]),
             "--data.size", str(TINY_SCENES["size"]), "--data.caption_vocab_size", "20",
-            "--data.article_vocab_size", "40", "--data.batch_size", "16", "--data.num_workers", "0",
+            "--data.article_vocab_size", "40", "--data.image_size", "32", "--data.batch_size", "16",
+            "--data.num_workers", "0",
             "--model.backbone", "resnet18", "--run.root", str(runs), "--run.wandb", "false",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
@@ -70,6 +71,44 @@ def test_text_prefix_evidence_zero_all_and_both_conventions():
     assert mask.tolist() == [[True, True, False, False], [False] * 4] and values[mask].eq(1).all()
     with pytest.raises(ValueError, match="absent"):
         known_evidence(labels, 0.5, "maybe")
+
+
+def test_text_evidence_runs_per_fraction_and_leaves_samples_without_evidence_alone():
+    """TextPrefixEvidence through the house's feedback-prop path: one draw per fraction, each copy of
+    an image with its own mask; a sample that knows nothing keeps its plain scores although the
+    update rule has weight decay; the others get exactly the engine's LF with their mask."""
+    from callbacks.feedback import FeedbackPropCallback, FeedbackSetting
+    from topdown.feedback import feedback_prop, multilabel_known_loss
+    from topdown.news import LinearHeads, TextPrefixEvidence
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), LinearHeads(8, {"caption": 5, "article": 4})).eval()
+    half = np.array([[1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0]], np.uint8)  # image 1: no noun in its first half
+    whole = np.array([[1, 0, 1, 0], [0, 0, 0, 1], [0, 1, 0, 0]], np.uint8)
+    ev = TextPrefixEvidence({0.5: half, 1.0: whole}, absent="unknown", num_caption_labels=5)
+    assert [d.fraction for d in ev.draws] == [0.5, 1.0] and ev.describe(1) == {"text_fraction": 1.0}
+    batch = {"image": torch.randn(3, 3, 12, 12), "valid": torch.ones(3, dtype=torch.bool),
+             "index": torch.tensor([2, 1, 0]), "caption_labels": torch.randint(0, 2, (3, 5))}
+    _, context = ev.batch(batch)
+    assert ev.no_evidence(context, [0, 1], slice(0, 3)).tolist() == [False, True, False, False, False, False]
+
+    setting = FeedbackSetting("lf", ("0",), lr=0.5, steps=3)
+    cb = FeedbackPropCallback(setting, evidence=ev, weight_decay=0.1, max_samples=8, max_state_gb=None, log=False)
+    plain, fed = cb.batch_scores(net, batch)
+    assert torch.equal(fed[(0, 0)][1], plain[1])  # 50 %: image 1 knows nothing and stays as it was
+    for d, labels in ((0, half), (1, whole)):
+        mask, values = known_evidence(torch.from_numpy(labels[[2, 1, 0]]), ev.draws[d].fraction, "unknown")
+        own = feedback_prop(net, batch["image"], multilabel_known_loss(mask, values, key="article"), ["0"],
+                            method="lf", steps=3, lr=0.5, optimizer="adam", weight_decay=0.1)["caption"]
+        moved = mask.any(1)
+        assert torch.allclose(fed[(0, d)][moved], own[moved], atol=1e-5)
+        assert not torch.allclose(fed[(0, d)][moved], plain[moved])
+    assert not torch.equal(fed[(0, 1)][1], plain[1])  # at 100 % image 1 knows a noun
+    with pytest.raises(ValueError, match="fractions > 0"):
+        TextPrefixEvidence({0.0: half, 1.0: whole})
+    with pytest.raises(IndexError, match="another split"):
+        ev.known_loss({"index": torch.tensor([3])}, [0], slice(0, 1))
 
 
 def test_two_heads_return_a_dict_and_keep_pivot_names():
@@ -195,10 +234,36 @@ def test_scenes_news_view_is_additive_and_speaks_other_words(tiny_scenes, tmp_pa
 # ------------------------------------------------------------------ CLI and Table 2
 
 @pytest.fixture(scope="module")
-def news_run(tiny_scenes, tmp_path_factory):
-    """One real one-epoch news training run on the tiny scenes data."""
+def news_root(tiny_scenes, tmp_path_factory) -> Path:
+    """The tiny scenes data with one corrupt test image: links to the shared build (its news cache
+    included, so nothing is tagged again), the corrupt file a real one of its own."""
+    from datamodules.scenes_news import NEWS_DIR
+
+    root = tmp_path_factory.mktemp("news_root")
+    for entry in tiny_scenes.iterdir():
+        if entry.name not in (NEWS_DIR, ".lock"):
+            (root / entry.name).symlink_to(entry)
+    news, shared = root / NEWS_DIR, tiny_scenes / NEWS_DIR
+    (shared / "topdown_cache").mkdir(exist_ok=True)
+    (news / "images").mkdir(parents=True)
+    for entry in shared.iterdir():
+        if entry.name != "images":
+            (news / entry.name).symlink_to(entry)
+    splits = json.loads((shared / "img_splits.json").read_text())
+    bad = min(k for k, v in splits.items() if v == "test")
+    for image in (shared / "images").iterdir():
+        if image.stem == bad:
+            (news / "images" / image.name).write_bytes(b"not a jpeg")
+        else:
+            (news / "images" / image.name).symlink_to(image)
+    return root
+
+
+@pytest.fixture(scope="module")
+def news_run(news_root, tmp_path_factory):
+    """One real one-epoch news training run on the tiny scenes data, shared by the CLI and Table 2 tests."""
     runs = tmp_path_factory.mktemp("news_runs")
-    cli = train.main(tiny_news_args(tiny_scenes, runs) + ["--trainer.max_epochs", "1", "--model.lr", "0.002"])
+    cli = train.main(tiny_news_args(news_root, runs) + ["--trainer.max_epochs", "1", "--model.lr", "0.002"])
     return cli, cli.trainer.checkpoint_callback.best_model_path
 
 
@@ -211,41 +276,53 @@ def test_cli_trains_the_news_model_with_linked_sizes(news_run):
     assert {"test/map_caption", "test/map_article", "test/skipped"} <= set(cli.trainer.logged_metrics)
 
 
-TABLE_FLAGS = ["--table2.columns", "[lf:conv13, rf:layer3]", "--table2.lr_grid", "[0.03]", "--table2.steps", "2",
+TABLE_FLAGS = ["--table2.columns", "[lf:conv9, rf:layer3]", "--table2.lr_grid", "[0.3]", "--table2.steps", "2",
                "--table2.fractions", "[0, 0.5, 1]", "--table2.figure6_images", "2"]
 
 
 @pytest.fixture(scope="module")
-def table2_single(tiny_scenes, news_run, tmp_path_factory):
+def table2_single(news_root, news_run, tmp_path_factory):
     import scripts.table2 as table2
 
     runs = tmp_path_factory.mktemp("table2_runs")
-    return runs, table2.main(tiny_news_args(tiny_scenes, runs) + TABLE_FLAGS + ["--ckpt_path", news_run[1]])
+    return runs, table2.main(tiny_news_args(news_root, runs) + TABLE_FLAGS + ["--ckpt_path", news_run[1]])
 
 
 def test_table2_command_prints_the_layout_and_writes_files(table2_single):
     result = table2_single[1]
     lines = result["table"].splitlines()
-    assert lines[1].split() == ["LF-conv13", "RF-layer3"]
+    assert lines[1].split() == ["LF-conv9", "RF-layer3"]
     assert [ln.split("  ")[0].strip() for ln in lines[3:]] == ["no-text", "50% text", "100% text"]
-    assert (Path(result["cli"].run_dir) / "table2.txt").read_text().strip() == result["table"]
+    assert (Path(result["cli"].run_dir) / "fp_table2_table.txt").read_text().strip() == result["table"]
     rows = {(r["row"], r["column"]): r["test_map"] for r in result["rows"]}
-    assert rows[("no-text", "LF-conv13")] == rows[("no-text", "RF-layer3")] == result["nofp"]
-    for c in result["chosen"]:
-        assert c["lr"] == 0.03 and 0 <= c["T"] <= 2  # chosen on val
+    assert rows[("no-text", "LF-conv9")] == rows[("no-text", "RF-layer3")] == result["nofp"]
+    assert any(v != result["nofp"] for (row, _), v in rows.items() if row != "no-text")  # feedback-prop acted
     run_dir = Path(result["cli"].run_dir)
-    for name in ("table2.csv", "table2_chosen.csv", "table2_val_grid.csv", "table2.png", "figure6.png", "figure6.html"):
+    from test_cli import last_value, read_metrics
+
+    # the no-text row is the plain model: the module's own test mAP of the caption head
+    assert abs(result["nofp"] - last_value(read_metrics(run_dir), "test/map_caption")) <= 1e-6
+    # the corrupt test image: counted by the model and by feedback-prop, reported with the table
+    assert result["skipped"] == {"val": 0, "test": 1} and last_value(read_metrics(run_dir), "fp/skipped") == 1
+    val = {(r["setting"], r["text_fraction"], r["iteration"]): r["map_caption"] for r in result["val_callback"].records}
+    for c in result["chosen"]:  # each cell's best t >= 1 on val, run on test as that computation
+        column = f"{c['method'].upper()}-{c['layers']}"
+        best = max(val[(column, c["text_fraction"], t)] for t in (1, 2))
+        assert c["lr"] == 0.3 and c["val_map_caption"] == best == val[(column, c["text_fraction"], c["iteration"])]
+        assert (c["steps"], c["stop"]) == (c["iteration"], None)
+    for name in ("fp_table2_table.csv", "fp_table2_selection.csv", "fp_table2_val_iterations.csv",
+                 "fp_table2_test_iterations.csv", "fp_table2_test.png", "figure6.png", "figure6.html"):
         assert (run_dir / name).is_file(), name
     assert "<img src='data:image/jpeg;base64," in (run_dir / "figure6.html").read_text()
 
 
 @pytest.mark.slow
-def test_table2_under_two_process_ddp_equals_single_process(tiny_scenes, news_run, table2_single, tmp_path):
+def test_table2_under_two_process_ddp_equals_single_process(news_root, news_run, table2_single, tmp_path):
     from test_distributed import finish, newest_run, run_entry
 
     single = table2_single[1]
     assert len(news_run[0].datamodule.dataset("test")) % 2 == 1, "the test split must not divide by 2 ranks"
-    ddp = tiny_news_args(tiny_scenes, tmp_path / "runs") + TABLE_FLAGS + [
+    ddp = tiny_news_args(news_root, tmp_path / "runs") + TABLE_FLAGS + [
         "--table2.figure6_images", "0", "--run.name", "ddp", "--ckpt_path", news_run[1],
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
     (tmp_path / "scripts").mkdir()  # run_entry logs to tmp_path/<script>-<time>.log
@@ -253,13 +330,13 @@ def test_table2_under_two_process_ddp_equals_single_process(tiny_scenes, news_ru
     assert "All distributed processes registered" in out
     import csv
 
-    with open(newest_run(tmp_path / "runs", "ddp") / "table2.csv") as f:
+    with open(newest_run(tmp_path / "runs", "ddp") / "fp_table2_table.csv") as f:
         ddp_rows = {(r["row"], r["column"]): float(r["test_map"]) for r in csv.DictReader(f)}
     for r in single["rows"]:
         assert abs(ddp_rows[(r["row"], r["column"])] - r["test_map"]) <= 1e-6, (r, ddp_rows)
     from test_cli import last_value, read_metrics
 
-    for key in ("test/map_caption", "test/map_article"):
+    for key in ("test/map_caption", "test/map_article", "fp/skipped", "test/skipped"):
         a = last_value(read_metrics(Path(single["cli"].run_dir)), key)
         b = last_value(read_metrics(newest_run(tmp_path / "runs", "ddp")), key)
         assert abs(a - b) <= 1e-6, (key, a, b)

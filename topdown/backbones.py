@@ -193,6 +193,15 @@ def weights_path(weights: str) -> str | Path:
     return weights if looks_like_file else cached_weights_path(weights)
 
 
+def train_head_only(model: nn.Module, frozen: bool) -> None:
+    """Freeze (``frozen``) or release every parameter of a :func:`build_backbone` model except its
+    new head's (``model.topdown_head``): the reference recipe trains the head alone first."""
+    for p in model.parameters():
+        p.requires_grad_(not frozen)
+    for p in model.get_submodule(model.topdown_head).parameters():
+        p.requires_grad_(True)
+
+
 def build_backbone(name: str, num_outputs: int, head: str = "linear", weights: str | None = None,
                    partial_weights: bool = False) -> nn.Module:
     """Torchvision classification model ``name`` with a fresh ``num_outputs`` head.

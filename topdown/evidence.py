@@ -216,10 +216,15 @@ class Evidence:
     criterion: tuple[str, ...] = ()
     headers: dict[str, str] = {}  # column titles of the printed tables
     scale: float = 1.0  # printed value = scale x figure (100 for fractions shown in percent)
+    amount: str = "num_known"  # the record column of how much is known: summaries have a row per value
     draws: list[KnownDraw]
 
     def setup(self, model: Any, datamodule: Any = None) -> None:
         """Read what depends on the model or the data (called when an evaluation starts)."""
+
+    def describe(self, d: int) -> dict:
+        """The record columns that name draw ``d``: :attr:`amount` and the draw's number."""
+        return {"num_known": self.draws[d].num_known, "draw": self.draws[d].draw}
 
     def batch(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """The inputs and the context (known values, targets) of the valid rows."""
@@ -230,6 +235,12 @@ class Evidence:
     def known_loss(self, context: dict, draws: Sequence[int], rows: slice) -> Callable:
         """L(Y_k, Ŷ_k) per sample for ``rows`` of the batch repeated once per draw (draw-major)."""
         raise NotImplementedError
+
+    def no_evidence(self, context: dict, draws: Sequence[int], rows: slice) -> torch.Tensor | None:
+        """bool ``[len(draws) * B]`` (draw-major, as :meth:`known_loss`): the samples that know
+        nothing.  They keep the plain forward's scores at every iteration (with nothing known the
+        update rule's weight decay alone would move their pivots).  None: every sample knows something."""
+        return None
 
     def scores(self, outputs: Any) -> torch.Tensor:
         """``[B, K]``: what the figures are computed from, for all draws."""
@@ -631,8 +642,10 @@ def paired_differences(per_run: Mapping[str, Mapping[Hashable, Mapping[str, floa
 SETTING_KEYS = ("split", "setting", "method", "layers", "lr", "steps", "stop")
 
 
-def summarize(records: Sequence[dict], metrics: Sequence[str]) -> list[dict]:
-    """One row per setting and number of known labels: mean ± std over the draws of each figure at
+def summarize(records: Sequence[dict], metrics: Sequence[str], amount: str = "num_known") -> list[dict]:
+    """One row per setting and amount of evidence (the ``amount`` column of the records,
+    :attr:`Evidence.amount`: the number of known labels, or the text fraction of the news
+    task): mean ± std over the draws of each figure at
     the setting's last recorded iteration (``<m>``, ``<m>_std``), at t = 0 (``<m>_nofp``, no
     feedback-prop), the number of draws, and the mean curve over the recorded iterations
     (``curve_t``, ``curves[m]``).  Draws whose figure is NaN are left out and counted in
@@ -640,13 +653,13 @@ def summarize(records: Sequence[dict], metrics: Sequence[str]) -> list[dict]:
     """
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault(tuple(r.get(k) for k in SETTING_KEYS) + (r["num_known"],), []).append(r)
+        groups.setdefault(tuple(r.get(k) for k in SETTING_KEYS) + (r[amount],), []).append(r)
     out = []
     for key, rows in groups.items():
         ts = sorted({r["iteration"] for r in rows})
         last = ts[-1]
         row = {k: v for k, v in zip(SETTING_KEYS, key) if v is not None}
-        row.update(num_known=key[-1], draws=len({r["draw"] for r in rows}), iteration=last)
+        row.update({amount: key[-1]}, draws=len({r.get("draw") for r in rows}), iteration=last)
         row["curve_t"] = ts
         row["curves"] = {}
         for m in metrics:
@@ -657,7 +670,7 @@ def summarize(records: Sequence[dict], metrics: Sequence[str]) -> list[dict]:
             if end.nan:
                 row[f"{m}_nan"] = end.nan
                 warnings.warn(f"{m} is NaN for {end.nan} of {end.nan + end.count} draws of {row.get('setting')} "
-                              f"with {key[-1]} known labels (no positive in the split): left out of the mean",
+                              f"with {amount}={key[-1]} (no positive in the split): left out of the mean",
                               stacklevel=2)
             row["curves"][m] = [mean_std(r[m] for r in rows if r["iteration"] == t).mean for t in ts]
         out.append(row)

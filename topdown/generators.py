@@ -46,7 +46,6 @@ sign, and ``G[-30°]`` extrapolates the quadratic.
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 import warnings
@@ -781,14 +780,3 @@ def format_table(rows: Sequence[Mapping]) -> str:
     for r in rows:
         lines.append("  ".join(f"{r[h]:>13}" if isinstance(r[h], (str, int)) else f"{r[h]:>13.4f}" for h in head))
     return "\n".join(lines)
-
-
-def write_csv(rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(EVAL_COLUMNS))
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: r.get(k) for k in EVAL_COLUMNS})
-    return path

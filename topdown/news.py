@@ -20,6 +20,8 @@ both readings are offered (:data:`ABSENT`):
 Either way 0 % text is no evidence at all: no label is known and feedback-prop does not run
 (the "no-text" row is the plain forward pass). The evidence differs per image, so it is a
 per-sample mask for :func:`topdown.feedback.multilabel_known_loss`.
+:class:`TextPrefixEvidence` is this evidence as the house's feedback-prop evaluation reads it
+(:class:`topdown.evidence.Evidence`): one draw per text fraction, caption-noun mAP as the figure.
 
 Pure PyTorch/numpy; matplotlib is imported by the figure helpers only.
 """
@@ -28,12 +30,15 @@ from __future__ import annotations
 import base64
 import html
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from topdown.evidence import Evidence, KnownDraw
 
 HEADS = ("caption", "article")
 TEXT_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -148,6 +153,121 @@ def known_evidence(labels: torch.Tensor, fraction: float, absent: str = "negativ
     else:
         mask = values > 0
     return mask, values
+
+
+@dataclass(frozen=True, eq=False)
+class TextDraw(KnownDraw):
+    """The evidence of one text fraction: per image, the article nouns of the first ``fraction``
+    of its article's words.  ``num_known`` and ``labels`` name the candidates (the whole article
+    vocabulary); which of them are known differs per image."""
+
+    fraction: float = 1.0
+
+
+class TextPrefixEvidence(Evidence):
+    """§4.3, Table 2: the first part of each image's article is read; its article nouns are known
+    (:func:`known_evidence`, either convention for absent nouns), the caption nouns are predicted.
+
+    One draw per text fraction: feedback-prop runs the fractions of a batch together, each copy
+    of an image with its own per-sample mask on the ``article`` head.  The figure is the exact
+    caption-noun mAP (``map_caption``, :func:`topdown.metrics.average_precision`), which also
+    chooses λ and T on val.  A sample that knows nothing (``absent="unknown"`` and no vocabulary
+    noun in its prefix) keeps its plain scores (:meth:`no_evidence`).
+
+    Args:
+        prefix: ``{fraction: uint8 [N, K_article]}``, the article-noun labels of each text prefix
+            of the split's images, rows in the order of the batches' ``index`` (fractions > 0:
+            the no-text row is the plain forward pass, t = 0 of every draw).
+        absent: ``"negative"`` or ``"unknown"`` (module docstring).
+        num_caption_labels: K_caption (default: the model's ``hparams.num_caption_labels``).
+    """
+
+    metrics = ("map_caption",)
+    criterion = ("map_caption",)
+    headers = {"map_caption": "caption-noun mAP"}
+    scale = 100.0
+    amount = "text_fraction"
+    known_head, target_head = "article", "caption"
+
+    def __init__(self, prefix: Mapping[float, np.ndarray | torch.Tensor], absent: str = "negative",
+                 num_caption_labels: int | None = None):
+        if absent not in ABSENT:
+            raise ValueError(f"unknown convention for absent nouns {absent!r}; choose from {ABSENT}")
+        fractions = sorted({check_fraction(f) for f in prefix})
+        if not fractions or fractions[0] == 0.0:
+            raise ValueError(f"text-prefix evidence takes fractions > 0 (no text is the plain forward pass), "
+                             f"got {sorted(prefix)}")
+        self.prefix = {f: torch.as_tensor(np.asarray(prefix[f])) for f in fractions}
+        shapes = {tuple(v.shape) for v in self.prefix.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"the prefix labels of every fraction must be one [N, K_article] shape, got {shapes}")
+        self.num_rows, k = next(iter(shapes))
+        self.draws = [TextDraw(k, 0, torch.arange(k), fraction=f) for f in fractions]
+        self.absent, self.num_caption_labels = absent, num_caption_labels
+
+    def setup(self, model: Any, datamodule: Any = None) -> None:
+        if self.num_caption_labels is None:
+            hparams = getattr(model, "hparams", {})
+            n = hparams.get("num_caption_labels") if hasattr(hparams, "get") else None
+            if n is None:
+                raise ValueError("text-prefix evidence: the model has no hparams.num_caption_labels; pass "
+                                 "num_caption_labels")
+            self.num_caption_labels = int(n)
+
+    def describe(self, d: int) -> dict:
+        return {"text_fraction": self.draws[d].fraction}
+
+    def _known(self, context: dict, draws: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = context["index"].long().cpu()
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_rows):
+            raise IndexError(f"sample index {int(rows.max())} is outside the {self.num_rows} images of the text "
+                             "evidence: the evidence was built for another split")
+        parts = [known_evidence(self.prefix[self.draws[d].fraction][rows], self.draws[d].fraction, self.absent)
+                 for d in draws]
+        device = context["index"].device
+        return torch.cat([m for m, _ in parts]).to(device), torch.cat([v for _, v in parts]).to(device)
+
+    def known_loss(self, context: dict, draws: Sequence[int], rows: slice) -> Callable:
+        from topdown.feedback import multilabel_known_loss
+
+        mask, values = self._known({"index": context["index"][rows]}, draws)
+        return multilabel_known_loss(mask, values, key=self.known_head)
+
+    def no_evidence(self, context: dict, draws: Sequence[int], rows: slice) -> torch.Tensor | None:
+        if self.absent == "negative":  # every article noun is known at any fraction > 0
+            return None
+        mask, _ = self._known({"index": context["index"][rows]}, draws)
+        return ~mask.any(1)
+
+    def scores(self, outputs: Any) -> torch.Tensor:
+        return outputs[self.target_head].flatten(1)
+
+    def width(self, d: int | None = None) -> int:
+        return self.num_caption_labels
+
+    def target(self, context: dict) -> torch.Tensor:
+        return context["caption_labels"].to(torch.uint8)
+
+    def target_bytes(self) -> int:
+        return self.num_caption_labels
+
+    def empty_target(self) -> torch.Tensor:
+        return torch.zeros(0, self.num_caption_labels, dtype=torch.uint8)
+
+    def with_draws(self, indices: Sequence[int]) -> "TextPrefixEvidence":
+        if list(indices) == list(range(len(self.draws))):
+            return self
+        picked = [self.draws[i].fraction for i in indices]
+        return TextPrefixEvidence({f: self.prefix[f] for f in picked}, self.absent, self.num_caption_labels)
+
+    def evaluate(self, scores: torch.Tensor, target: torch.Tensor, d: int) -> dict[str, float]:
+        from topdown.metrics import average_precision, nan_mean
+
+        return {"map_caption": float(nan_mean(average_precision(scores, target)))}
+
+    def evaluate_plain(self, scores: torch.Tensor, target: torch.Tensor) -> list[dict[str, float]]:
+        plain = self.evaluate(scores, target, 0)  # the same for every fraction: computed once
+        return [dict(plain) for _ in self.draws]
 
 
 def row_name(fraction: float) -> str:

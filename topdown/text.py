@@ -113,6 +113,12 @@ def _caption_lemmas(caption: str) -> list[str]:
     return out
 
 
+def _most_frequent(counts: Counter, k: int) -> list[str]:
+    """The ``k`` most counted words, ties broken alphabetically (so a vocabulary is reproducible)."""
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [w for w, _ in ranked[:k]]
+
+
 def build_vocabulary(captions: Iterable[str], k: int) -> list[str]:
     """The ``k`` most frequent caption words (§4.1), ties broken alphabetically.
 
@@ -124,8 +130,7 @@ def build_vocabulary(captions: Iterable[str], k: int) -> list[str]:
     counts = Counter()
     for caption in captions:
         counts.update(_caption_lemmas(caption))
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    return [w for w, _ in ranked[:k]]
+    return _most_frequent(counts, k)
 
 
 KEY_PREFIX = "# topdown vocabulary key="
@@ -294,8 +299,7 @@ def build_noun_vocabulary(noun_lists: Iterable[Iterable[str]], k: int) -> list[s
     counts = Counter()
     for nouns in noun_lists:
         counts.update(set(nouns))
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    return [w for w, _ in ranked[:k]]
+    return _most_frequent(counts, k)
 
 
 def labels_from_nouns(noun_lists: Sequence[Iterable[str]], vocab: Sequence[str]) -> np.ndarray:
