@@ -111,6 +111,13 @@ class SafeImageDataset(Dataset):
         return item
 
 
+def valid_rows(batch: dict) -> dict:
+    """The batch without its ``valid == False`` rows (missing or corrupt images): every tensor whose
+    first dimension is the batch's; other entries are dropped."""
+    keep = batch["valid"]
+    return {k: v[keep] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.shape[:1] == keep.shape}
+
+
 class UnpaddedDistributedSampler(DistributedSampler):
     """Rank ``r`` of ``w`` gets ``indices[r::w]``: every sample exactly once, no padding.
 

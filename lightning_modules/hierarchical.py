@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric, SumMetric
 from torchmetrics.utilities.data import dim_zero_cat
 
+from datamodules.common import valid_rows
 from topdown.metrics import table1_metrics
 from topdown.sinn import (
     DEFAULT_THRESHOLD,
@@ -166,13 +167,9 @@ class HierarchicalModule(LightningModule):
             return sinn_loss(outputs, target, self.fine_to_general, self.fine_to_coarse)
         return F.cross_entropy(outputs, target)
 
-    @staticmethod
-    def _valid(batch: dict) -> dict:
-        keep = batch["valid"]
-        return {k: v[keep] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.shape[:1] == keep.shape}
 
     def training_step(self, batch: dict, batch_idx: int):
-        b = self._valid(batch)
+        b = valid_rows(batch)
         if b["image"].shape[0] == 0:
             return None
         loss = self.loss(self(b["image"], b["coarse"]), b["target"])
@@ -181,7 +178,7 @@ class HierarchicalModule(LightningModule):
 
     def _evaluate(self, batch: dict, stage: str, metric: Table1Metric, cond: Table1Metric, skipped: SumMetric) -> None:
         skipped.update(torch.tensor(float((~batch["valid"]).sum()), device=self.device))
-        b = self._valid(batch)
+        b = valid_rows(batch)
         if b["image"].shape[0] == 0:
             return
         logits = self.fine_logits(self(b["image"], b["coarse"]))

@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from datamodules.common import valid_rows
 from topdown.backbones import build_backbone, load_state
 from topdown.warp import PAPER_GENERATORS, GeneratorWarp, attach, check_bank_fits, layer_size, view_probabilities
 
@@ -137,14 +138,10 @@ class WarpAlexNetModule(LightningModule):
             state.update({f"warp.{k}": v for k, v in self.warp.state_dict().items()})
             rank_zero_info("warp_alexnet: the checkpoint has no generator warp; generator training starts from step 0")
 
-    @staticmethod
-    def _valid(batch: dict) -> dict:
-        keep = batch["valid"]
-        return {k: v[keep] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.shape[:1] == keep.shape}
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int):
-        b = self._valid(batch)
+        b = valid_rows(batch)
         n = b["image"].shape[0]
         if n == 0:
             return None
@@ -158,7 +155,7 @@ class WarpAlexNetModule(LightningModule):
     def _evaluate(self, batch: dict, stage: str, acc: MetricCollection, skipped: SumMetric,
                   acc10: Optional[MetricCollection] = None) -> None:
         skipped.update(torch.tensor(float((~batch["valid"]).sum()), device=self.device))
-        b = self._valid(batch)
+        b = valid_rows(batch)
         n = b["image"].shape[0]
         if n == 0:
             return
