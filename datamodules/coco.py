@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 
-from datamodules.common import (SPLITS, SafeImageDataset, SplitLoaders, check_exists, image_transform,
+from datamodules.common import (SafeImageDataset, SplitLoaders, check_exists, image_transform,
                                 split_count)
 from topdown.losses import label_weights
 from topdown.text import (build_vocabulary, labels_from_captions, load_vocabulary, pipeline_key, save_vocabulary,
@@ -244,26 +244,17 @@ class COCOMultiLabelDataModule(SplitLoaders, LightningDataModule):
 
     def split_labels(self, split: str) -> np.ndarray:
         """Label matrix [N, K] uint8 of ``split`` (train, val or test), rows in ``index`` order."""
-        if split not in SPLITS:
-            raise KeyError(f"unknown split {split!r}; expected one of {SPLITS}")
-        return self._prepare()["splits"][split]["labels"]
+        return self._split(split)["labels"]
 
     def split_image_ids(self, split: str) -> np.ndarray:
         """COCO image ids of ``split``, in ``index`` order."""
-        if split not in SPLITS:
-            raise KeyError(f"unknown split {split!r}; expected one of {SPLITS}")
-        return self._prepare()["splits"][split]["ids"]
+        return self._split(split)["ids"]
 
     # ----------------------------------------------------------- lightning
-    def prepare_data(self) -> None:
-        self._prepare()
-
     def dataset(self, split: str) -> SafeImageDataset:
         """The dataset of ``split`` (train, val or test); built once."""
-        if split not in SPLITS:
-            raise KeyError(f"unknown split {split!r}; expected one of {SPLITS}")
         if split not in self._datasets:
-            s = self._prepare()["splits"][split]
+            s = self._split(split)
             self._datasets[split] = SafeImageDataset(
                 s["paths"], image_transform(self.image_size, train=split == "train", preprocess=self.preprocess,
                                             resize_size=self.resize_size), self.image_size,

@@ -173,9 +173,18 @@ def split_count(size: int | float, total: int, what: str) -> int:
 
 class SplitLoaders:
     """The set-up and loaders of a datamodule whose ``dataset(split)`` builds (and caches) each of
-    :data:`SPLITS`; it needs ``batch_size`` and ``num_workers``.  Put it before
-    ``LightningDataModule`` in the bases.  Training shuffles; val and test are read in order, one
-    unpadded shard per rank under DDP (:func:`distributed_eval_sampler`)."""
+    :data:`SPLITS` and whose ``_prepare()`` reads the data once into ``{"splits": {split: ...}}``;
+    it needs ``batch_size`` and ``num_workers``.  Put it before ``LightningDataModule`` in the
+    bases.  Training shuffles; val and test are read in order, one unpadded shard per rank under
+    DDP (:func:`distributed_eval_sampler`)."""
+
+    def _split(self, split: str) -> dict:
+        if split not in SPLITS:
+            raise KeyError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return self._prepare()["splits"][split]
+
+    def prepare_data(self) -> None:
+        self._prepare()
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}

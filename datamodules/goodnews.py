@@ -297,15 +297,7 @@ class GoodNewsDataModule(SplitLoaders, LightningDataModule):
                                               self._split(split)["rows"])
         return self._prefix[key]
 
-    def _split(self, split: str) -> dict:
-        if split not in SPLITS:
-            raise KeyError(f"unknown split {split!r}; expected one of {SPLITS}")
-        return self._prepare()["splits"][split]
-
     # ----------------------------------------------------------- lightning
-    def prepare_data(self) -> None:
-        self._prepare()
-
     def dataset(self, split: str) -> NewsImageDataset:
         if split not in self._datasets:
             s = self._split(split)

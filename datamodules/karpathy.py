@@ -374,15 +374,7 @@ class KarpathyCaptionsDataModule(SplitLoaders, LightningDataModule):
     def split_paths(self, split: str) -> list[Path]:
         return list(self._split(split)["paths"])
 
-    def _split(self, split: str) -> dict:
-        if split not in SPLITS:
-            raise KeyError(f"unknown split {split!r}; expected one of {SPLITS}")
-        return self._prepare()["splits"][split]
-
     # ----------------------------------------------------------- lightning
-    def prepare_data(self) -> None:
-        self._prepare()
-
     def dataset(self, split: str) -> CaptionImageDataset:
         if split not in self._datasets:
             s = self._split(split)
