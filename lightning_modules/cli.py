@@ -231,6 +231,20 @@ def close_run(cli: LightningCLI) -> None:
     for logger in cli.trainer.loggers:
         if isinstance(logger, WandbLogger) and cli.trainer.is_global_zero:
             finish_wandb(logger.experiment)
+    end_process_group()
+
+
+def end_process_group() -> None:
+    """Destroy the DDP process group while the interpreter is still whole.
+
+    Lightning does this at exit for NCCL only. A gloo group left to interpreter shutdown
+    aborts the process now and then ("terminate called without an active exception", exit
+    -6) after all its work succeeded: 5 of 30 two-process runs here, 0 of 30 with this call.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def checkpoint_for_test(trainer: Trainer) -> Optional[str]:

@@ -94,3 +94,21 @@ def test_resume_after_sigkill_continues_run_and_wandb_id(tiny_scenes, tmp_path):
     assert list(run_dir.glob("checkpoints/epoch001*.ckpt")), "training did not finish after resuming"
     wandb_runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and all(name.endswith(run_id) for name in wandb_runs), wandb_runs
+
+
+def test_close_run_destroys_the_process_group(tmp_path):
+    """A gloo group left to interpreter shutdown aborts the process now and then (exit -6 after a
+    finished run); every entry point ends through close_run, which must destroy it."""
+    import types
+
+    import torch.distributed as dist
+
+    from lightning_modules.cli import close_run
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        close_run(types.SimpleNamespace(trainer=types.SimpleNamespace(loggers=[], is_global_zero=True)))
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

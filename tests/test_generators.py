@@ -259,6 +259,8 @@ trainer = Trainer(max_epochs=-1, reload_dataloaders_every_n_epochs=1, use_distri
                   enable_model_summary=False, accelerator="cpu", devices=int(sys.argv[3]),
                   strategy="ddp" if int(sys.argv[3]) > 1 else "auto")
 trainer.fit(model, datamodule=dm)
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()  # gloo left to interpreter shutdown can abort (see end_process_group)
 '''
 
 
