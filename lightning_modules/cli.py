@@ -67,7 +67,9 @@ def _versions(base: Path) -> list[Path]:
 def resolve_run_dir(root: str, name: str, resume: bool) -> Path:
     """The run folder: the newest version holding ``last.ckpt`` when resuming, else a new version."""
     launcher, _, inherited = os.environ.get(RUN_DIR_ENV, "").partition(":")
-    if inherited and launcher == str(os.getppid()):
+    # Only a DDP rank > 0 that the launcher started itself (Lightning sets LOCAL_RANK for it) joins the
+    # launcher's folder: any other child of a process that ran a command earlier starts its own run.
+    if inherited and launcher == str(os.getppid()) and os.environ.get("LOCAL_RANK", "0") != "0":
         return Path(inherited)
     base = Path(root) / name
     versions = _versions(base)

@@ -34,6 +34,11 @@ t), ``<out>/table1.txt`` (the printed table, caption and differences), the evalu
 under ``<out>/run<r>_fp/``, and logs the tables to W&B (offline unless WANDB_MODE says otherwise)
 under ``<out>/wandb``.  ``--combine DIR ...`` trains nothing and prints the table of the runs that earlier
 outputs hold (one sweep split over processes with ``--first-run`` / ``--runs``).
+
+``--jobs N`` (default: the cores divided by ``--threads``, so 2 on a 2-core machine) computes the
+runs N at a time, each run in its own process writing ``<out>/run<r>/`` and ``<out>/run<r>.log``,
+then combines them into the files above: the same digits as one process, in about half the wall
+time on 2 cores (docs/HIERARCHICAL.md).
 """
 from __future__ import annotations
 
@@ -249,6 +254,8 @@ def caption(a, raw: list[dict], wall: float, load: tuple[float, float]) -> str:
         budget += f" (models and their rows reused from {a.reuse})"
     if a.combine:
         budget += f" (runs combined from {', '.join(a.combine)}; wall and load below are the combining command's)"
+    elif a.jobs > 1:
+        budget += f" (runs computed {a.jobs} at a time, one process of {a.threads} thread(s) each)"
     grids = []
     for method in ("LF", "RF"):
         used = {tuple(r["fp_grid"]) for r in raw if r["row"] == f"Ours ({method})"}
@@ -308,7 +315,8 @@ def reused_rows(a) -> dict[int, dict]:
         rows = [r for r in csv.DictReader(f) if not r["row"].startswith("Ours (")]
     out = {}
     for run in range(a.first_run, a.first_run + a.runs):
-        ckpts = sorted(src.glob(f"run{run}_baseline/version_*/checkpoints/*.ckpt"))
+        ckpts = sorted([*src.glob(f"run{run}_baseline/version_*/checkpoints/*.ckpt"),  # --jobs 1
+                        *src.glob(f"run{run}/run{run}_baseline/version_*/checkpoints/*.ckpt")])  # --jobs > 1
         mine = [r for r in rows if int(r["run"]) == run]
         if not ckpts or not mine:
             raise FileNotFoundError(f"--reuse {src}: run {run} has no kept Baseline checkpoint "
@@ -316,6 +324,57 @@ def reused_rows(a) -> dict[int, dict]:
                                     "--keep-checkpoints?) or no rows in table1_runs.csv")
         out[run] = {"ckpt": str(ckpts[-1]), "rows": mine}
     return out
+
+
+def run_in_processes(a, argv: list[str] | None, out: Path) -> list[str]:
+    """Compute the runs ``--jobs`` at a time, each as this command with ``--runs 1`` in its own process
+    writing to ``<out>/run<r>/`` (log: ``<out>/run<r>.log``); returns those folders for
+    :func:`combined_rows`.  A run that fails stops the others and is an error naming its log.
+
+    The runs are independent (each has its own split and seeds), so a run's rows are the same digits
+    as in one process; the cores are used by runs side by side because feedback-prop's small
+    per-image updates do not split over threads.
+    """
+    import subprocess
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--"):] if "--" in argv else []
+    own = argv[:len(argv) - len(extra)]
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    for key in [k for k in env if k.startswith("WANDB_SERVICE") or k == "WANDB__SERVICE"]:
+        env.pop(key)  # a W&B service this process may have started is not the runs' to share
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    todo = list(range(a.first_run, a.first_run + a.runs))
+    dirs = [out / f"run{r}" for r in todo]
+    running: dict[int, tuple] = {}
+    print(f"[table1] runs {todo[0]}-{todo[-1]}: {a.jobs} processes of {a.threads} thread(s) side by side; "
+          f"logs {out}/run<r>.log", flush=True)
+    try:
+        while todo or running:
+            while todo and len(running) < a.jobs:
+                r = todo.pop(0)
+                log = open(out / f"run{r}.log", "w")
+                cmd = [sys.executable, str(Path(__file__).resolve()), *own, "--first-run", str(r), "--runs", "1",
+                       "--jobs", "1", "--no-wandb", "--out", str(out / f"run{r}"), *extra]
+                running[r] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd()),
+                              log, time.perf_counter())
+            time.sleep(0.5)
+            for r, (proc, log, t) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[r]
+                if proc.returncode != 0:
+                    tail = (out / f"run{r}.log").read_text()[-3000:]
+                    raise RuntimeError(f"table1: run {r} failed (exit {proc.returncode}); its log "
+                                       f"{out / f'run{r}.log'} ends with:\n{tail}")
+                print(f"[table1] run {r} done in {(time.perf_counter() - t) / 60:.1f} min", flush=True)
+    finally:
+        for proc, log, _ in running.values():
+            proc.kill()
+            proc.wait()
+            log.close()
+    return [str(d) for d in dirs]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -366,7 +425,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="train nothing: the table and paired differences of the runs that earlier outputs DIR hold "
                         "(a sweep split over processes with --first-run / --runs); its flags must match theirs")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads; 1 is several times faster than 2 when the cores are shared (spin-waits)")
+                   help="torch threads of each process; 1 is several times faster than 2 when the cores are shared "
+                        "(spin-waits), and on scenes even on an idle machine (docs/HIERARCHICAL.md)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs computed side by side, each in its own process with --threads threads, then combined "
+                        "(default: as many as the cores hold, cores // threads, at most --runs)")
     p.add_argument("extra", nargs="*", help="more train.py flags after --, e.g. -- --trainer.limit_train_batches=2")
     a = p.parse_args(argv)
     if a.fp_steps < 1:
@@ -377,6 +440,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--fp-lr-grid: update rates must be > 0, got {a.fp_lr_grid}")
     if a.combine and a.reuse:
         p.error("--combine and --reuse: choose one")
+    if a.jobs is not None and a.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {a.jobs}")
+    if a.jobs is None:
+        a.jobs = max(1, (os.cpu_count() or 1) // max(1, a.threads))
+    a.jobs = 1 if a.combine else min(a.jobs, a.runs)
     if a.warm_start is None:
         a.warm_start = a.weights is None
     return a
@@ -418,11 +486,11 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
                 fp_T=c["iteration"], fp_grid=grids[method], val_mc_acc=round(c["val_mc_acc"], 4),
                 val_map=round(c["val_map"], 4))
 
-    if a.combine:
-        raw, val_grid = combined_rows(a.combine)
+    if a.combine or a.jobs > 1:
+        raw, val_grid = combined_rows(a.combine or run_in_processes(a, argv, out))
         table, diffs = summarize(raw), paired(raw)
         write_csvs(out, table, raw, val_grid, diffs)
-    for run in range(a.first_run, a.first_run + a.runs) if not a.combine else ():
+    for run in range(a.first_run, a.first_run + a.runs) if not (a.combine or a.jobs > 1) else ():
         if a.reuse:  # the trained models of an earlier run: only the feedback-prop rows are computed again
             for r in reused[run]["rows"]:
                 add(run, r["row"], {k: float(r[k]) for _, k in COLUMNS}, float(r["seconds"] or 0.0))

@@ -24,7 +24,6 @@ pytestmark = pytest.mark.slow
 
 def run_entry(script: str, args: list[str], tmp_path: Path, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    env.pop("TOPDOWN_RUN_DIR", None)
     # A W&B service started by an in-process run of this test session must not be shared.
     for key in [k for k in env if k.startswith("WANDB_SERVICE") or k == "WANDB__SERVICE"]:
         env.pop(key)

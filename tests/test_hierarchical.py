@@ -271,6 +271,14 @@ def load_table1():
 MOBILENET_PIVOTS = ["trunk.features.3", "trunk.features.6"]
 
 
+def tiny_table1_args(root, out, *more: str) -> list[str]:
+    return ["--root", str(root), "--num-images", str(TINY["num_images"]), "--size", str(TINY["size"]),
+            "--epochs", "1", "--finetune-epochs", "1", "--fp-lr-grid", "1e-3", "1e-2", "--fp-steps", "1",
+            "--fp-extend", "1", "--backbone", "mobilenet_v3_small", "--batch-size", "16", "--out", str(out), *more,
+            "--", "--model.feedback_layers", json.dumps(MOBILENET_PIVOTS), "--trainer.limit_train_batches", "0.2",
+            "--trainer.limit_val_batches", "0.5", "--trainer.limit_test_batches", "0.2"]
+
+
 @pytest.mark.slow
 def test_table1_script_runs_all_rows_and_records_the_choice(tiny_sun_scenes, tmp_path):
     """Equal budgets (a trunk, then every row's model fine-tuned from it), Bsln + cond from the
@@ -280,13 +288,7 @@ def test_table1_script_runs_all_rows_and_records_the_choice(tiny_sun_scenes, tmp
 
     table1 = load_table1()
     out = tmp_path / "table1"
-    table = table1.main([
-        "--root", str(tiny_sun_scenes), "--num-images", str(TINY["num_images"]), "--size", str(TINY["size"]),
-        "--runs", "1", "--epochs", "1", "--finetune-epochs", "1", "--fp-lr-grid", "1e-3", "1e-2", "--fp-steps", "1",
-        "--fp-extend", "1", "--backbone", "mobilenet_v3_small", "--batch-size", "16", "--out", str(out), "--",
-        "--model.feedback_layers", json.dumps(MOBILENET_PIVOTS), "--trainer.limit_train_batches", "0.2",
-        "--trainer.limit_val_batches", "0.5", "--trainer.limit_test_batches", "0.2",
-    ])
+    table = table1.main(tiny_table1_args(tiny_sun_scenes, out, "--runs", "1"))
     assert [r[0] for r in table] == ["Baseline", "Bsln + PL", "SINN + PL", "Bsln + cond", "Ours (LF)", "Ours (RF)"]
     rows = {r["row"]: r for r in csv.DictReader(open(out / "table1_runs.csv"))}
     assert set(rows) == {"trunk", *(r[0] for r in table)}  # the trunk's stage is recorded, not a row
@@ -311,6 +313,31 @@ def test_table1_script_runs_all_rows_and_records_the_choice(tiny_sun_scenes, tmp
     assert "equal budgets" in text and "paired differences" in text and "extended on val" in text
     assert not list(out.glob("*/version_*/checkpoints/*.ckpt"))  # deleted once the run is evaluated
     assert list((out / "wandb").glob("offline-run-*"))  # the tables went to W&B (offline)
+
+
+@pytest.mark.slow
+def test_table1_runs_side_by_side_give_the_digits_of_one_process(tiny_sun_scenes, tmp_path):
+    """--jobs 2: runs 1 and 2 in two processes at once, combined; each run's rows equal the same
+    run computed alone in this process, and a failing run is an error naming its log."""
+    import csv
+
+    table1 = load_table1()
+    table1.main(tiny_table1_args(tiny_sun_scenes, tmp_path / "alone", "--first-run", "2", "--runs", "1",
+                                 "--no-wandb"))
+    both = tmp_path / "both"
+    table = table1.main(tiny_table1_args(tiny_sun_scenes, both, "--first-run", "1", "--runs", "2", "--jobs", "2",
+                                         "--no-wandb"))
+
+    def rows(out, run):
+        return {r["row"]: {k: r[k] for k in ("mc_acc", "map", "iou_acc", "fp_lr", "fp_T", "fp_grid")}
+                for r in csv.DictReader(open(out / "table1_runs.csv")) if r["run"] == str(run)}
+
+    assert rows(both, 2) == rows(tmp_path / "alone", 2) and set(rows(both, 1)) == set(rows(both, 2))
+    assert len(table) == 6 and "2 at a time" in (both / "table1.txt").read_text()
+    assert (both / "run1.log").is_file() and (both / "run2" / "table1_runs.csv").is_file()
+    with pytest.raises(RuntimeError, match=r"run [12] failed .*run[12]\.log"):
+        table1.main(tiny_table1_args(tmp_path / "missing", tmp_path / "bad", "--runs", "2", "--first-run", "1",
+                                     "--jobs", "2", "--no-wandb", "--sun397", str(tmp_path / "missing")))
 
 
 def test_diagnosis_calibration_and_information_by_hand():
