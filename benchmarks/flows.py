@@ -6,7 +6,8 @@ conv5 256x13x13 (Caffe AlexNet; 8,522 flow values per pair). This script times
 those five flows per pair at each batch size and thread count, on smooth random
 feature maps in [0, 255] whose second map is the first rotated by 10 degrees
 (so the flows are not trivial), by wall clock and by the CPU time of the
-process (all its threads), and prints the load average before and after.
+process (all its threads) and of the helper processes the batch is split over,
+and prints the load average before and after.
 
 ``--baseline REV`` also times ``topdown/flows.py`` as of git revision REV (for
 example the solver before a change), in the same process, alternating with the
@@ -70,7 +71,7 @@ def _call(module, threads: int):
 def time_pairs(solve, pairs: dict, device: str) -> tuple[float, float, dict[str, float]]:
     """Total wall seconds, process CPU seconds and per-layer wall seconds of one pass."""
     layer_t = {}
-    c0 = time.process_time()
+    c0 = cpu_seconds()
     for name, (f1, f2) in pairs.items():
         if device == "cuda":
             torch.cuda.synchronize()
@@ -79,14 +80,21 @@ def time_pairs(solve, pairs: dict, device: str) -> tuple[float, float, dict[str,
         if device == "cuda":
             torch.cuda.synchronize()
         layer_t[name] = time.perf_counter() - t0
-    return sum(layer_t.values()), time.process_time() - c0, layer_t
+    return sum(layer_t.values()), cpu_seconds() - c0, layer_t
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process (all its threads) and of sift_flow's helper processes."""
+    from topdown.parallel import helper_cpu_seconds
+
+    return time.process_time() + helper_cpu_seconds()
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, nargs="+", default=[32])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
-                   help="torch threads; the current solver also splits the batch over this many workers")
+                   help="torch threads; the current solver also splits the batch over this many processes")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per setting (best is reported)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--baseline", default=None, help="git revision of topdown/flows.py to time alongside")
@@ -117,7 +125,7 @@ def main(argv=None) -> None:
                     best[label] = (min(w0, wall), min(c0, cpu), per_layer if wall < w0 else l0)
             for label, (wall, cpu, per_layer) in best.items():
                 layers = " / ".join(f"{1000 * v / b:.1f}" for v in per_layer.values())
-                # CPU seconds of this process (all its threads): the figure to trust when other
+                # CPU seconds of this process (all its threads) and its helpers: the figure to trust when other
                 # jobs share the cores and inflate wall time.
                 print(f"| {label} | {threads} | {b} | {b / wall:.1f} | {b / cpu:.1f} | {layers} |", flush=True)
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3

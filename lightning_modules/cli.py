@@ -236,6 +236,16 @@ def close_run(cli: LightningCLI) -> None:
     end_process_group()
 
 
+def child_env(**overrides: str) -> dict[str, str]:
+    """The environment of a command started as a subprocess: this one with the repository on
+    ``PYTHONPATH``, less the W&B service that a run of this process may have started (a child
+    that shared it would log into this process's run)."""
+    env = {k: v for k, v in os.environ.items() if not (k.startswith("WANDB_SERVICE") or k == "WANDB__SERVICE")}
+    repo = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+    return {**env, **overrides}
+
+
 def end_process_group() -> None:
     """Destroy the DDP process group while the interpreter is still whole.
 

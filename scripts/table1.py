@@ -337,13 +337,12 @@ def run_in_processes(a, argv: list[str] | None, out: Path) -> list[str]:
     """
     import subprocess
 
+    from lightning_modules.cli import child_env
+
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--"):] if "--" in argv else []
     own = argv[:len(argv) - len(extra)]
-    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    for key in [k for k in env if k.startswith("WANDB_SERVICE") or k == "WANDB__SERVICE"]:
-        env.pop(key)  # a W&B service this process may have started is not the runs' to share
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env = child_env(OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     todo = list(range(a.first_run, a.first_run + a.runs))
     dirs = [out / f"run{r}" for r in todo]
     running: dict[int, tuple] = {}
@@ -425,8 +424,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="train nothing: the table and paired differences of the runs that earlier outputs DIR hold "
                         "(a sweep split over processes with --first-run / --runs); its flags must match theirs")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads of each process; 1 is several times faster than 2 when the cores are shared "
-                        "(spin-waits), and on scenes even on an idle machine (docs/HIERARCHICAL.md)")
+                   help="torch threads of each process; with 1, runs side by side (--jobs) use the cores better "
+                        "than threads do, and 2 is several times slower than 1 when the cores are shared")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs computed side by side, each in its own process with --threads threads, then combined "
                         "(default: as many as the cores hold, cores // threads, at most --runs)")

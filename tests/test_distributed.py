@@ -17,16 +17,14 @@ import pytest
 import evaluate
 
 from conftest import REPO, tiny_multilabel_args
+from lightning_modules.cli import child_env
 from test_cli import last_value, read_metrics
 
 pytestmark = pytest.mark.slow
 
 
 def run_entry(script: str, args: list[str], tmp_path: Path, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    # A W&B service started by an in-process run of this test session must not be shared.
-    for key in [k for k in env if k.startswith("WANDB_SERVICE") or k == "WANDB__SERVICE"]:
-        env.pop(key)
+    env = child_env(WANDB_MODE="offline", PYTHONUNBUFFERED="1")
     log = tmp_path / f"{script}-{time.monotonic_ns()}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, str(REPO / script), *args], cwd=REPO, env=env,

@@ -70,15 +70,15 @@ Pixels are stored diagonal by diagonal (``_Grid``), each step works on a
 contiguous block of columns ``[2 messages, labels, batch x diagonal]`` across
 the whole batch, and a message's distance transform, truncation and move to a
 receiver whose window is centred elsewhere are one broadcast minimum plus one
-precomputed gather. On CPU the batch is split over ``workers`` threads (torch
-releases the GIL inside its kernels), each running single-threaded torch ops.
+precomputed gather. On CPU the batch is split over ``workers`` processes (this
+one and persistent helpers, :func:`topdown.parallel.map_split`), each running
+single-threaded torch ops: the ops are too small for intra-op threads, and
+their dispatch holds the GIL, so threads of one process do not add a core.
 """
 from __future__ import annotations
 
 import math
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -424,13 +424,9 @@ class _Workspace:
 # the generator pipeline calls sift_flow again and again with the same shapes.
 _LOCAL = threading.local()
 _CACHE_ENTRIES = 64
-_POOL: dict = {}
 # Below this many pairs per worker the per-step costs that every worker pays
 # in full outweigh the split (measured: docs/BENCHMARKS.md).
 _PAIRS_PER_WORKER = 16
-if hasattr(os, "register_at_fork"):
-    # A forked child (e.g. a DataLoader worker) has none of the pool's threads.
-    os.register_at_fork(after_in_child=_POOL.clear)
 
 
 def _thread_cache() -> dict:
@@ -713,10 +709,11 @@ def sift_flow(f1: Tensor, f2: Tensor, alpha=2 * 255, d=40 * 255, gamma=0.005 * 2
             and BP iterations of the levels below the top.
         top_wsize, top_iters: half-window and BP iterations of the top level.
         data_trunc: keyword-only truncation ``t`` of the L1 data term.
-        workers: keyword-only; CPU threads the batch is split over (default:
-            ``torch.get_num_threads()``; at most one per 16 pairs, since each
-            worker pays the per-step costs in full). CUDA inputs always run
-            as one batch.
+        workers: keyword-only; CPU processes the batch is split over, this
+            one and ``workers - 1`` helpers (default: ``torch.get_num_threads()``,
+            so 1 under DDP and in DataLoader workers; at most one per 16 pairs,
+            since each worker pays the per-step costs in full). CUDA inputs
+            always run as one batch.
 
     Returns:
         float32 [B, 2, H, W] holding integers on the device of ``f1``: channel 0
@@ -742,16 +739,14 @@ def sift_flow(f1: Tensor, f2: Tensor, alpha=2 * 255, d=40 * 255, gamma=0.005 * 2
     with torch.no_grad():
         if n <= 1:
             return _sift_flow_serial(f1.detach(), f2.detach(), *args)
+        from topdown.parallel import map_split
+
         bounds = [round(i * b / n) for i in range(n + 1)]
-        chunks = [(f1[i:j].detach(), f2[i:j].detach()) for i, j in zip(bounds, bounds[1:])]
+        chunks = [(f1[i:j].detach().float(), f2[i:j].detach().float()) for i, j in zip(bounds, bounds[1:])]
         threads = torch.get_num_threads()
-        # Each worker runs single-threaded torch ops on its share of the pairs:
-        # BP is thousands of small ops per level, which intra-op threads cannot split.
-        torch.set_num_threads(1)
+        torch.set_num_threads(1)  # like the helpers: BP's small ops do not split over threads
         try:
-            if n not in _POOL:
-                _POOL[n] = ThreadPoolExecutor(n, thread_name_prefix="sift_flow")
-            out = list(_POOL[n].map(lambda c: _sift_flow_serial(*c, *args), chunks))
+            out = map_split(_sift_flow_serial, chunks, args)
         finally:
             torch.set_num_threads(threads)
     return torch.cat(out)
