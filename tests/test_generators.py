@@ -247,6 +247,7 @@ import torch
 torch.set_num_threads(1)
 from lightning.pytorch import Trainer, seed_everything
 from datamodules.pairs import PairsDataModule
+from lightning_modules.cli import end_process_group
 from lightning_modules.generators import GeneratorsModule
 
 root, run = sys.argv[1], sys.argv[2]
@@ -259,8 +260,7 @@ trainer = Trainer(max_epochs=-1, reload_dataloaders_every_n_epochs=1, use_distri
                   enable_model_summary=False, accelerator="cpu", devices=int(sys.argv[3]),
                   strategy="ddp" if int(sys.argv[3]) > 1 else "auto")
 trainer.fit(model, datamodule=dm)
-if torch.distributed.is_initialized():
-    torch.distributed.destroy_process_group()  # gloo left to interpreter shutdown can abort (see end_process_group)
+end_process_group()  # as every entry point does: gloo left to interpreter shutdown can abort
 '''
 
 
